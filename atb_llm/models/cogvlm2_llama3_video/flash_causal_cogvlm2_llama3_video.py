@@ -1,0 +1,125 @@
+"""FlashCogvlm2_llama3_videoForCausalLM: the paged forward of DESIGN.md's contract.
+
+Video reaches prefill either as per-sequence ``pixel_values`` / ``vision_embeds`` keyword lists
+(direct path) or as shared-memory codes inside the vision slots of ``input_ids`` (service path).
+"""
+
+import numpy as np
+import torch
+
+from atb_llm.models.base.flash_causal_lm import FlashForCausalLM
+from atb_llm.models.cogvlm2_llama3_video.config_cogvlm2_llama3_video import VISION_TOKENS_PER_FRAME
+from atb_llm.models.cogvlm2_llama3_video.device_ops import get_device_ops
+from atb_llm.models.cogvlm2_llama3_video.modeling_cogvlm2_llama3_video import (
+    AttentionMetadata,
+    LanguageModel,
+    VisionTower,
+    VocabParallelHead,
+    checkpoint_tensor_shapes,
+)
+from atb_llm.utils import shm_utils
+
+# Tensors of CogVLM2 (image) that the video model does not have.
+_VISUAL_EXPERT_MARKERS = ("vision_expert", "vision_mlp")
+
+
+def check_checkpoint(config, weights) -> None:
+    """Refuse a checkpoint that is not this model: visual-expert tensors, a missing tensor or a
+    shape mismatch, each named."""
+    foreign = sorted(name for name in weights.routing if any(m in name for m in _VISUAL_EXPERT_MARKERS))
+    if foreign:
+        raise ValueError(f"the checkpoint has visual-expert tensors (e.g. {foreign[0]}): it is a CogVLM2 image "
+                         "model, not cogvlm2-video-llama3-chat, which has no visual expert")
+    for name, shape in checkpoint_tensor_shapes(config).items():
+        if name not in weights.routing:
+            raise ValueError(f"tensor {name} is missing from the checkpoint")
+        actual = tuple(weights.get_shape(name))
+        if actual != tuple(shape):
+            raise ValueError(f"tensor {name} has shape {list(actual)}, config.json implies {list(shape)}")
+
+
+class FlashCogvlm2_llama3_videoForCausalLM(FlashForCausalLM):
+    def __init__(self, config, weights, **kwargs):
+        super().__init__(config, weights, **kwargs)
+        check_checkpoint(config, weights)
+        self.is_multimodal = True
+        self.pad_token_id = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.ops = get_device_ops(weights.device)
+        self.vision = VisionTower(config.vision_config, weights)
+        self.model = LanguageModel(config, weights, self.ops)
+        self.lm_head = VocabParallelHead(weights)
+
+    # -- vision ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_video(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Frames ``[T, 3, 224, 224]`` -> vision features ``[T * 66, hidden]`` for the vision slots."""
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be [frames, 3, H, W], got {list(pixel_values.shape)}")
+        pixels = pixel_values.to(self.placeholder.device)
+        return self.vision(pixels).reshape(-1, self.hidden_size)
+
+    def pixels_from_ids(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Service path: the vision slots carry (name, shape) shm codes as negative ids."""
+        codes = input_ids[input_ids < 0].tolist()
+        if not codes:
+            return None
+        if len(codes) != 2:
+            raise ValueError(f"expected one (shm name, shape) code pair in the vision slots, found {len(codes)} codes")
+        return shm_utils.get_data_from_shm(codes[0], codes[1], dtype=np.float32)
+
+    def vision_slot_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (input_ids == self.pad_token_id) | (input_ids < 0)
+
+    def _prefill_embeddings(self, input_ids: torch.Tensor, input_lengths: list[int],
+                            pixel_values: list | None, vision_embeds: list | None) -> torch.Tensor:
+        if input_ids.numel() and int(input_ids.max()) >= self.vocab_size:
+            raise ValueError(f"token id {int(input_ids.max())} is outside the vocabulary [0, {self.vocab_size})")
+        embeds = self.model.embed_tokens(input_ids.clamp(min=0))
+        slot_mask = self.vision_slot_mask(input_ids)
+        start = 0
+        for i, length in enumerate(input_lengths):
+            seg = slice(start, start + length)
+            start += length
+            features = vision_embeds[i] if vision_embeds is not None else None
+            if features is None:
+                pixels = pixel_values[i] if pixel_values is not None else None
+                if pixels is None:
+                    pixels = self.pixels_from_ids(input_ids[seg])
+                features = self.encode_video(pixels) if pixels is not None else None
+            slots = int(slot_mask[seg].sum())
+            if features is None:
+                if slots:
+                    raise ValueError(f"sequence {i} has {slots} vision slots but no video")
+                continue
+            if features.shape[0] != slots:
+                raise ValueError(f"sequence {i}: {features.shape[0] // VISION_TOKENS_PER_FRAME} frames give "
+                                 f"{features.shape[0]} vision features for {slots} vision slots")
+            embeds[seg][slot_mask[seg]] = features.to(embeds.dtype)
+        return embeds
+
+    # -- forward -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids, position_ids, is_prefill, kv_cache, block_tables, slots, input_lengths,
+                max_seq_len, lm_head_indices=None, **kwargs) -> torch.Tensor:
+        lengths = [int(n) for n in input_lengths]
+        position_ids = position_ids.long()
+        slots = slots.long()
+        if is_prefill:
+            if input_ids.dim() == 2:  # embeddings prepared by the multimodal runner
+                hidden = input_ids.to(self.dtype)
+            else:
+                hidden = self._prefill_embeddings(input_ids.long(), lengths, kwargs.get("pixel_values"),
+                                                  kwargs.get("vision_embeds"))
+            meta = AttentionMetadata(is_prefill=True, slots=slots, seq_lens=lengths)
+        else:
+            hidden = self.model.embed_tokens(input_ids.long())
+            meta = AttentionMetadata(is_prefill=False, slots=slots, seq_lens=lengths,
+                                     block_tables=block_tables.long(), context_lens=torch.as_tensor(
+                                         lengths, device=hidden.device))
+        hidden = self.model(hidden, position_ids, kv_cache, meta)
+        if is_prefill:
+            if lm_head_indices is None:
+                lm_head_indices = torch.tensor(lengths, device=hidden.device).cumsum(0) - 1
+            hidden = hidden[lm_head_indices.long()]
+        return self.lm_head(hidden).float()

@@ -1,0 +1,342 @@
+"""Torch modules of cogvlm2-video-llama3-chat: the EVA2-CLIP vision tower with its adapter
+(MODEL.md section 2) and the Llama-3 decoder over a paged KV cache (section 6).
+
+Every module loads its tensors from ``Weights`` by explicit name; the LM linears are
+tensor-parallel (column / row) and the vision tower is replicated on every rank.
+"""
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atb_llm.utils.dist import all_gather_last_dim, all_reduce
+
+
+def _parameter(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class Linear(nn.Module):
+    """A replicated linear layer ``y = x W^T + b``."""
+
+    def __init__(self, weights, prefix: str, bias: bool = False):
+        super().__init__()
+        self.weight = _parameter(weights.get_tensor(f"{prefix}.weight"))
+        self.bias = _parameter(weights.get_tensor(f"{prefix}.bias")) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split over ranks; each rank keeps its slice of the output."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = _parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split over ranks; partial products are summed with an all-reduce."""
+
+    def __init__(self, weight: torch.Tensor, process_group):
+        super().__init__()
+        self.weight = _parameter(weight)
+        self.process_group = process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(F.linear(x, self.weight), self.process_group)
+
+
+def _layer_norm(weights, prefix: str, eps: float) -> nn.LayerNorm:
+    weight = weights.get_tensor(f"{prefix}.weight")
+    norm = nn.LayerNorm(weight.shape[0], eps=eps, dtype=weight.dtype)
+    norm.weight = _parameter(weight)
+    norm.bias = _parameter(weights.get_tensor(f"{prefix}.bias"))
+    return norm
+
+
+def _conv(weights, prefix: str, stride: int) -> nn.Conv2d:
+    weight = weights.get_tensor(f"{prefix}.weight")
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], kernel_size=weight.shape[2:], stride=stride,
+                     dtype=weight.dtype)
+    conv.weight = _parameter(weight)
+    conv.bias = _parameter(weights.get_tensor(f"{prefix}.bias"))
+    return conv
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision tower
+# ----------------------------------------------------------------------------------------------
+class VisionAttention(nn.Module):
+    def __init__(self, weights, prefix: str, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.query_key_value = Linear(weights, f"{prefix}.query_key_value", bias=True)
+        self.dense = Linear(weights, f"{prefix}.dense", bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frames, length, width = x.shape
+        qkv = self.query_key_value(x).view(frames, length, 3, self.num_heads, width // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [frames, heads, length, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v)  # full attention, scale head_dim**-0.5
+        return self.dense(out.transpose(1, 2).reshape(frames, length, width))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, weights, prefix: str):
+        super().__init__()
+        self.fc1 = Linear(weights, f"{prefix}.fc1", bias=True)
+        self.fc2 = Linear(weights, f"{prefix}.fc2", bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    """Post-norm ("sandwich") block: the LayerNorms act on the outputs of attention and MLP."""
+
+    def __init__(self, weights, prefix: str, num_heads: int, eps: float):
+        super().__init__()
+        self.attention = VisionAttention(weights, f"{prefix}.attention", num_heads)
+        self.mlp = VisionMLP(weights, f"{prefix}.mlp")
+        self.input_layernorm = _layer_norm(weights, f"{prefix}.input_layernorm", eps)
+        self.post_attention_layernorm = _layer_norm(weights, f"{prefix}.post_attention_layernorm", eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.input_layernorm(self.attention(x))
+        return x + self.post_attention_layernorm(self.mlp(x))
+
+
+class VisionAdapter(nn.Module):
+    """GLU projection from the vision width to the LM width."""
+
+    def __init__(self, weights, prefix: str):
+        super().__init__()
+        self.linear_proj = Linear(weights, f"{prefix}.linear_proj")
+        self.norm1 = _layer_norm(weights, f"{prefix}.norm1", eps=1e-5)
+        self.gate_proj = Linear(weights, f"{prefix}.gate_proj")
+        self.dense_h_to_4h = Linear(weights, f"{prefix}.dense_h_to_4h")
+        self.dense_4h_to_h = Linear(weights, f"{prefix}.dense_4h_to_h")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(self.linear_proj(x)))
+        return self.dense_4h_to_h(F.silu(self.gate_proj(x)) * self.dense_h_to_4h(x))
+
+
+class VisionTower(nn.Module):
+    """Frames ``[T, 3, S, S]`` -> features ``[T, 66, H]`` (boi, 64 patches, eoi per frame)."""
+
+    def __init__(self, vision_config, weights, prefix: str = "model.vision"):
+        super().__init__()
+        self.patch_embedding = _conv(weights, f"{prefix}.patch_embedding.proj", stride=vision_config.patch_size)
+        self.cls_embedding = _parameter(weights.get_tensor(f"{prefix}.patch_embedding.cls_embedding"))
+        self.position_embedding = _parameter(
+            weights.get_tensor(f"{prefix}.patch_embedding.position_embedding.weight"))
+        self.layers = nn.ModuleList(
+            VisionBlock(weights, f"{prefix}.transformer.layers.{j}", vision_config.num_heads,
+                        vision_config.layer_norm_eps)
+            for j in range(vision_config.num_hidden_layers))
+        self.conv = _conv(weights, f"{prefix}.conv", stride=2)
+        self.linear_proj = VisionAdapter(weights, f"{prefix}.linear_proj")
+        self.boi = _parameter(weights.get_tensor(f"{prefix}.boi"))
+        self.eoi = _parameter(weights.get_tensor(f"{prefix}.eoi"))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        frames = pixels.shape[0]
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # [T, D, g, g]
+        grid = x.shape[-1]
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_embedding.expand(frames, -1, -1), x], dim=1) + self.position_embedding
+        for layer in self.layers:
+            x = layer(x)
+        x = x[:, 1:].transpose(1, 2).reshape(frames, -1, grid, grid)  # drop cls, row-major grid
+        x = self.conv(x).flatten(2).transpose(1, 2)  # [T, (g/2)^2, D]
+        x = self.linear_proj(x)
+        return torch.cat([self.boi.expand(frames, -1, -1), x, self.eoi.expand(frames, -1, -1)], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Language model
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class AttentionMetadata:
+    """What attention needs to know about the flattened batch of one step."""
+
+    is_prefill: bool
+    slots: torch.Tensor  # [T] flat KV slots of this step's tokens
+    seq_lens: Sequence[int]  # prefill: rows per sequence
+    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks]
+    context_lens: torch.Tensor | None = None  # decode: [B] tokens in cache incl. the new one
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weights, prefix: str, eps: float, ops):
+        super().__init__()
+        self.weight = _parameter(weights.get_tensor(f"{prefix}.weight"))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables from CogVLM position ids; angles computed in fp32."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.register_buffer(
+            "inv_freq", 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)),
+            persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = position_ids.float().unsqueeze(-1) * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, weights, prefix: str, ops):
+        super().__init__()
+        world = weights.process_group.size()
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_heads = config.num_attention_heads // world
+        kv_heads = config.num_multi_query_heads
+        self.num_kv_heads = max(kv_heads // world, 1)
+        self.scale = self.head_dim ** -0.5
+        self.ops = ops
+        self.query_key_value = ColumnParallelLinear(weights.get_tensor_col_packed_qkv(
+            f"{prefix}.language_expert_query_key_value.weight", config.hidden_size,
+            config.num_attention_heads, kv_heads))
+        self.dense = RowParallelLinear(
+            weights.get_multi_weights_row(f"{prefix}.language_expert_dense"), weights.process_group)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.query_key_value(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.ops.rope(q, k, cos, sin)
+        k_cache, v_cache = kv_cache
+        self.ops.write_kv(k_cache, v_cache, k, v, meta.slots)
+        if meta.is_prefill:
+            out = self.ops.prefill_attention(q, k, v, meta.seq_lens, self.scale)
+        else:
+            out = self.ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                                  self.scale)
+        return self.dense(out.reshape(-1, q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, weights, prefix: str):
+        super().__init__()
+        self.gate_proj = ColumnParallelLinear(weights.get_multi_weights_col([f"{prefix}.gate_proj"]))
+        self.up_proj = ColumnParallelLinear(weights.get_multi_weights_col([f"{prefix}.up_proj"]))
+        self.down_proj = RowParallelLinear(weights.get_multi_weights_row(f"{prefix}.down_proj"),
+                                           weights.process_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Every token, text or vision, goes through the language-expert weights."""
+
+    def __init__(self, config, weights, prefix: str, ops):
+        super().__init__()
+        self.input_layernorm = RMSNorm(weights, f"{prefix}.input_layernorm", config.rms_norm_eps, ops)
+        self.self_attn = LlamaAttention(config, weights, f"{prefix}.self_attn", ops)
+        self.post_attention_layernorm = RMSNorm(weights, f"{prefix}.post_attention_layernorm",
+                                                config.rms_norm_eps, ops)
+        self.mlp = LlamaMLP(weights, f"{prefix}.mlp.language_mlp")
+
+    def forward(self, h, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config, weights, ops, prefix: str = "model"):
+        super().__init__()
+        self.embed_tokens = nn.Embedding.from_pretrained(weights.get_tensor(f"{prefix}.embed_tokens.weight"))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, weights, f"{prefix}.layers.{i}", ops) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(weights, f"{prefix}.norm", config.rms_norm_eps, ops)
+        self.rotary = RotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, kv_cache: list, meta: AttentionMetadata):
+        cos, sin = self.rotary(position_ids, hidden.dtype)
+        for layer, layer_cache in zip(self.layers, kv_cache):
+            hidden = layer(hidden, cos, sin, layer_cache, meta)
+        return self.norm(hidden)
+
+
+class VocabParallelHead(nn.Module):
+    """lm_head split over the vocabulary; every rank gathers the full logits."""
+
+    def __init__(self, weights, prefix: str = "lm_head"):
+        super().__init__()
+        self.weight = _parameter(weights.get_sharded(f"{prefix}.weight", dim=0))
+        self.process_group = weights.process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_gather_last_dim(F.linear(x, self.weight), self.process_group)
+
+
+def checkpoint_tensor_shapes(config) -> dict:
+    """Every tensor of the HF checkpoint with its shape (MODEL.md section 1)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    head_dim = hidden // config.num_attention_heads
+    qkv_rows = hidden + 2 * config.num_multi_query_heads * head_dim
+    vision = config.vision_config
+    width, patch = vision.hidden_size, vision.patch_size
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (config.vocab_size, hidden)}
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}"
+        shapes.update({
+            f"{layer}.input_layernorm.weight": (hidden,),
+            f"{layer}.self_attn.language_expert_query_key_value.weight": (qkv_rows, hidden),
+            f"{layer}.self_attn.language_expert_dense.weight": (hidden, hidden),
+            f"{layer}.post_attention_layernorm.weight": (hidden,),
+            f"{layer}.mlp.language_mlp.gate_proj.weight": (inter, hidden),
+            f"{layer}.mlp.language_mlp.up_proj.weight": (inter, hidden),
+            f"{layer}.mlp.language_mlp.down_proj.weight": (hidden, inter),
+        })
+    prefix = "model.vision"
+    shapes.update({
+        f"{prefix}.patch_embedding.proj.weight": (width, vision.in_channels, patch, patch),
+        f"{prefix}.patch_embedding.proj.bias": (width,),
+        f"{prefix}.patch_embedding.cls_embedding": (1, width),
+        f"{prefix}.patch_embedding.position_embedding.weight": (vision.num_positions, width),
+        f"{prefix}.conv.weight": (width, width, 2, 2),
+        f"{prefix}.conv.bias": (width,),
+        f"{prefix}.linear_proj.linear_proj.weight": (hidden, width),
+        f"{prefix}.linear_proj.norm1.weight": (hidden,),
+        f"{prefix}.linear_proj.norm1.bias": (hidden,),
+        f"{prefix}.linear_proj.gate_proj.weight": (inter, hidden),
+        f"{prefix}.linear_proj.dense_h_to_4h.weight": (inter, hidden),
+        f"{prefix}.linear_proj.dense_4h_to_h.weight": (hidden, inter),
+        f"{prefix}.boi": (1, 1, hidden),
+        f"{prefix}.eoi": (1, 1, hidden),
+    })
+    for j in range(vision.num_hidden_layers):
+        block = f"{prefix}.transformer.layers.{j}"
+        for name, shape in {"input_layernorm": (width,), "post_attention_layernorm": (width,)}.items():
+            shapes[f"{block}.{name}.weight"] = shape
+            shapes[f"{block}.{name}.bias"] = shape
+        for name, (rows, cols) in {"attention.query_key_value": (3 * width, width),
+                                   "attention.dense": (width, width),
+                                   "mlp.fc1": (vision.intermediate_size, width),
+                                   "mlp.fc2": (width, vision.intermediate_size)}.items():
+            shapes[f"{block}.{name}.weight"] = (rows, cols)
+            shapes[f"{block}.{name}.bias"] = (rows,)
+    return shapes

@@ -1,0 +1,86 @@
+"""ModelRunner: loads a model through ``get_model`` and drives its forward (framework contract section 6)."""
+
+import torch
+
+from atb_llm.models import get_model
+from atb_llm.utils.dist import initialize_distributed
+from atb_llm.utils.log import logger
+from atb_llm.utils.weights import Weights
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        dtype = default or torch.bfloat16
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if dtype == torch.float16 and device.type == "cpu":
+        # fp16 matmuls take a scalar path on CPUs (two orders of magnitude slower); bf16 has the same size.
+        logger.warning("float16 on CPU is very slow; computing in bfloat16 instead")
+        dtype = torch.bfloat16
+    return dtype
+
+
+def default_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class ModelRunner:
+    def __init__(self, model_name_or_path: str, rank: int = 0, world_size: int = 1, npu_id: int | None = None,
+                 local_rank: int | None = None, is_flash_causal_lm: bool = True, load_tokenizer: bool = True,
+                 max_position_embeddings: int | None = None, tokenizer_path: str | None = None,
+                 enable_edge: bool = False, llm_config_path=None, models_dict=None, **kwargs):
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = rank if local_rank is None else local_rank
+        device = kwargs.get("device")
+        self.device = torch.device(device) if device is not None else default_device(self.local_rank)
+        self.process_group = initialize_distributed(rank, world_size, self.device)
+        self.router = get_model(model_name_or_path, is_flash_causal_lm=is_flash_causal_lm,
+                                load_tokenizer=load_tokenizer, max_position_embeddings=max_position_embeddings,
+                                tokenizer_path=tokenizer_path,
+                                sub_model_path=f"part{self.local_rank}-of-{world_size}")
+        self.model_name_or_path = self.router.model_name_or_path
+        self.model_cls = self.router.model_cls
+        self.config = self.router.config
+        self.tokenizer = self.router.tokenizer
+        self.input_builder = self.router.input_builder if load_tokenizer else None
+        self.config_dict = self.router.config_dict
+        self.max_position_embeddings = max_position_embeddings or self.config.max_position_embeddings or 2048
+        self.dtype = resolve_dtype(kwargs.get("dtype"), getattr(self.config, "torch_dtype", None), self.device)
+        self.kv_cache_dtype = self.dtype
+        self.model = None
+
+    def load_weights(self, **kwargs) -> None:
+        weights = Weights(self.model_name_or_path, self.device, self.dtype, process_group=self.process_group)
+        try:
+            self.model = self.model_cls(self.config, weights, max_batch_size=kwargs.get("max_batch_size"))
+        except TypeError:
+            self.model = self.model_cls(self.config, weights)
+        self.model.to(self.device)
+        self.model.eval()
+        weights.release_file_handler()
+        self.soc_info = self.model.soc_info
+        self.head_size = self.model.head_size
+        self.num_heads = self.model.num_attention_heads
+        self.num_kv_heads = self.model.num_key_value_heads
+        self.num_layers = self.model.num_layers
+        self.k_head_size = self.v_head_size = self.head_size
+
+    def forward(self, **kwargs) -> torch.Tensor:
+        try:
+            return self.model.forward(**kwargs)
+        except torch.OutOfMemoryError as error:
+            raise RuntimeError(f"out of device memory during forward: {error}") from error
+
+    def generate_position_ids(self, input_ids):
+        return self.input_builder.generate_position_ids(input_ids)
+
+    def build_inputs(self, conversations, **kwargs):
+        return [self.input_builder.make_context(self.rank, conversation, **kwargs) for conversation in conversations]

@@ -1,0 +1,48 @@
+"""Process groups: a single-process stand-in and torch.distributed for tensor parallelism."""
+import os
+
+import torch
+import torch.distributed as torch_dist
+
+
+class FakeGroup:
+    """A group of one process (or a placeholder exposing only rank/size, as in the framework)."""
+
+    def __init__(self, rank: int = 0, size: int = 1):
+        self._rank = rank
+        self._size = size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def backend_for(device: torch.device) -> str:
+    return {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
+
+
+def initialize_distributed(rank: int, world_size: int, device: torch.device | None = None):
+    """Returns the tensor-parallel group: FakeGroup for one process, the default group otherwise."""
+    if world_size <= 1:
+        return FakeGroup(0, 1)
+    if not torch_dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        torch_dist.init_process_group(backend_for(device or torch.device("cpu")), rank=rank, world_size=world_size)
+    return torch_dist.group.WORLD
+
+
+def all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
+    if group.size() > 1:
+        torch_dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def all_gather_last_dim(tensor: torch.Tensor, group) -> torch.Tensor:
+    if group.size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(group.size())]
+    torch_dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)

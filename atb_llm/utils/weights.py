@@ -1,0 +1,143 @@
+"""Weights: tensors by name from safetensors files, sharded for tensor parallelism
+(framework contract section 8). Tensors are returned on CPU; the runner moves the model."""
+import glob
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+from atb_llm.utils.dist import FakeGroup
+
+_INTEGER_DTYPES = (torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool)
+
+
+class Weights:
+    def __init__(self, model_name_or_path: str, device, dtype: torch.dtype, process_group=None,
+                 quantize=None, is_gqa: bool = False, extension: str = ".safetensors", aliases=None,
+                 mapping=None, **kwargs):
+        self.model_name_or_path = model_name_or_path
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.process_group = process_group if process_group is not None else FakeGroup()
+        self.quantize = quantize
+        self.is_gqa = is_gqa
+        self.mapping = mapping
+        self.aliases = aliases or {}
+        self.routing = self._build_routing(model_name_or_path, extension)
+        self._handles: dict[str, object] = {}
+
+    @staticmethod
+    def _build_routing(path: str, extension: str) -> dict[str, str]:
+        index_path = os.path.join(path, f"model{extension}.index.json")
+        if os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as file:
+                weight_map = json.load(file).get("weight_map", {})
+            routing = {name: os.path.join(path, filename) for name, filename in weight_map.items()}
+            missing = sorted({file for file in routing.values() if not os.path.isfile(file)})
+            if missing:
+                raise FileNotFoundError(f"{index_path} names shard files that do not exist: {missing}")
+            return routing
+        files = sorted(f for f in glob.glob(os.path.join(path, f"*{extension}"))
+                       if not os.path.basename(f).startswith("."))
+        if not files:
+            raise FileNotFoundError(f"no *{extension} weight files in {path}")
+        routing = {}
+        for filename in files:
+            with safe_open(filename, framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                    if name in routing:
+                        raise ValueError(f"tensor {name} is in both {routing[name]} and {filename}")
+                    routing[name] = filename
+        return routing
+
+    def _handle(self, name: str):
+        name = self.aliases.get(name, name)
+        filename = self.routing.get(name)
+        if filename is None:
+            raise KeyError(f"tensor {name} is missing from the checkpoint {self.model_name_or_path}")
+        if filename not in self._handles:
+            self._handles[filename] = safe_open(filename, framework="pt")
+        return self._handles[filename], name
+
+    def _correct_dtype(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dtype in _INTEGER_DTYPES:
+            return tensor
+        return tensor.to(self.dtype)
+
+    def get_shape(self, name: str) -> list[int]:
+        handle, name = self._handle(name)
+        return list(handle.get_slice(name).get_shape())
+
+    def get_tensor(self, name: str, ignore_tensor_correction: bool = False) -> torch.Tensor:
+        handle, name = self._handle(name)
+        tensor = handle.get_tensor(name)
+        return tensor if ignore_tensor_correction else self._correct_dtype(tensor)
+
+    def get_whole_tensor(self, name: str, dim: int) -> torch.Tensor:
+        if dim not in (0, 1):
+            raise ValueError(f"get_whole_tensor supports dim 0 or 1, got {dim}")
+        return self.get_tensor(name)
+
+    def get_partial_sharded(self, name: str, dim: int, gqa_size: int = 1) -> torch.Tensor:
+        """This rank's contiguous block along ``dim``; whole gqa groups are replicated when there
+        are fewer groups than ranks."""
+        rank, world = self.process_group.rank(), self.process_group.size()
+        handle, real_name = self._handle(name)
+        size = handle.get_slice(real_name).get_shape()[dim]
+        groups = size // gqa_size
+        if groups >= world:
+            if size % world:
+                raise ValueError(f"{name}: dimension {dim} of size {size} does not split over {world} ranks")
+            block = size // world
+            start = rank * block
+        else:
+            if world % groups:
+                raise ValueError(f"{name}: {groups} groups cannot be replicated over {world} ranks")
+            block = gqa_size
+            start = (rank // (world // groups)) * gqa_size
+        tensor = handle.get_tensor(real_name).narrow(dim, start, block).contiguous()
+        return self._correct_dtype(tensor)
+
+    def get_sharded(self, name: str, dim: int, gqa_size: int = 1) -> torch.Tensor:
+        return self.get_partial_sharded(name, dim, gqa_size)
+
+    def get_multi_weights_col(self, prefixes: list[str], quantize=None, dim: int = 0, gqa_size: int = 1):
+        return torch.cat([self.get_sharded(f"{p}.weight", dim=dim, gqa_size=gqa_size) for p in prefixes], dim=dim)
+
+    def get_multi_weights_row(self, prefix: str, quantize=None, gqa_size: int = 1, dim: int = 1):
+        return self.get_sharded(f"{prefix}.weight", dim=dim, gqa_size=gqa_size)
+
+    def get_replicated_weights(self, prefix: str, quantize=None):
+        return self.get_tensor(f"{prefix}.weight")
+
+    def get_tensor_col_packed_qkv(self, name: str, hidden_size: int, num_heads: int,
+                                  num_kv_heads: int | None = None, dim: int = 0) -> torch.Tensor:
+        """A packed ``q | k | v`` tensor split per head group: this rank's query heads, then its
+        key/value heads (replicated when there are fewer KV heads than ranks)."""
+        num_kv_heads = num_kv_heads or num_heads
+        head_dim = hidden_size // num_heads
+        rank, world = self.process_group.rank(), self.process_group.size()
+        whole = self.get_tensor(name)
+        expected = (num_heads + 2 * num_kv_heads) * head_dim
+        if whole.shape[dim] != expected:
+            raise ValueError(f"{name}: dimension {dim} is {whole.shape[dim]}, expected {expected} "
+                             f"({num_heads} query + 2x{num_kv_heads} kv heads of {head_dim})")
+        q, k, v = whole.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=dim)
+        if num_heads % world:
+            raise ValueError(f"{num_heads} query heads do not split over {world} ranks")
+        q = q.chunk(world, dim=dim)[rank]
+        if num_kv_heads >= world:
+            if num_kv_heads % world:
+                raise ValueError(f"{num_kv_heads} kv heads do not split over {world} ranks")
+            k, v = k.chunk(world, dim=dim)[rank], v.chunk(world, dim=dim)[rank]
+        else:
+            if world % num_kv_heads:
+                raise ValueError(f"{num_kv_heads} kv heads cannot be replicated over {world} ranks")
+            group = rank // (world // num_kv_heads)
+            k = k.narrow(dim, group * head_dim, head_dim)
+            v = v.narrow(dim, group * head_dim, head_dim)
+        return torch.cat([q, k, v], dim=dim).contiguous()
+
+    def release_file_handler(self) -> None:
+        self._handles.clear()

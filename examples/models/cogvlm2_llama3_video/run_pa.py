@@ -1,0 +1,77 @@
+"""Offline runner of cogvlm2-video-llama3-chat: answers questions about videos.
+
+    python -m examples.models.cogvlm2_llama3_video.run_pa                       # embedded demo model and video
+    python -m examples.models.cogvlm2_llama3_video.run_pa --model_path DIR --video_path a.mp4 \\
+        --input_texts "What is the general content of this video?"
+"""
+import json
+import sys
+from collections.abc import Sequence
+
+from atb_llm.runner.engine import Request
+from atb_llm.utils.log import logger, print_log
+from examples.multimodal_runner import MultimodalInput, MultimodalPARunner
+from examples.run_pa import base_parser, report_timings, sampling_from_args
+
+DEFAULT_QUESTION = "What is the general content of this video?"
+
+
+class Cogvlm2VideoRunner(MultimodalPARunner):
+    """The model's runner (the class a modeltest config names)."""
+
+
+def pair_inputs(texts: Sequence[str], videos: Sequence[str]) -> list[MultimodalInput]:
+    """One video per text, or one video for all texts, or none."""
+    if not videos:
+        return [MultimodalInput(text) for text in texts]
+    if len(videos) == 1:
+        return [MultimodalInput(text, videos[0]) for text in texts]
+    if len(videos) != len(texts):
+        raise SystemExit(f"--video_path takes one path per input text or one for all: got {len(videos)} paths "
+                         f"for {len(texts)} texts")
+    return [MultimodalInput(text, video) for text, video in zip(texts, videos)]
+
+
+def result_record(item: MultimodalInput, request: Request) -> dict:
+    return {"input_text": item.text, "video_path": item.video, "output_text": request.text,
+            "output_token_ids": list(request.output_ids), "prompt_tokens": len(request.prompt_ids),
+            "finish_reason": request.finish_reason, "error": request.error}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.set_defaults(input_texts=[DEFAULT_QUESTION], max_input_length=2048, max_output_length=64)
+    parser.add_argument("--video_path", nargs="*", default=None,
+                        help="one video per input text, or one for all (default: the demo video when "
+                             "--model_path is absent, else none)")
+    args = parser.parse_args(argv)
+    videos = args.video_path
+    if args.model_path is None:
+        from examples.models.cogvlm2_llama3_video.make_demo import ensure_demo
+
+        args.model_path, demo_video = ensure_demo()
+        print_log(0, logger.info, f"no --model_path: using the embedded demo checkpoint {args.model_path}")
+        if videos is None:
+            videos = [demo_video]
+    items = pair_inputs(args.input_texts, videos or [])
+    runner = Cogvlm2VideoRunner(**vars(args))
+    requests = runner.infer_multimodal(items, sampling_from_args(args))
+    for i, (item, request) in enumerate(zip(items, requests)):
+        print_log(runner.rank, logger.info, f"Question[{i}]: {item.text} (video: {item.video})")
+        if request.error:
+            print_log(runner.rank, logger.error, f"Error[{i}]: {request.error}")
+        else:
+            print_log(runner.rank, logger.info, f"Answer[{i}]: {request.text!r} ({request.finish_reason}, "
+                      f"{len(request.output_ids)} tokens, prompt {len(request.prompt_ids)} tokens)")
+    timings = report_timings(requests, runner.last_run_seconds, runner.rank)
+    if args.results_save_path and runner.rank == 0:
+        with open(args.results_save_path, "w", encoding="utf-8") as file:
+            json.dump([result_record(item, request) for item, request in zip(items, requests)], file,
+                      ensure_ascii=False, indent=2)
+    if timings:
+        print(f"TTFT mean {timings['ttft_mean_s'] * 1000:.1f} ms, decode {timings['decode_tokens_per_s']:.1f} tokens/s")
+    return 1 if all(r.error for r in requests) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random checkpoints in the real HF layout and real video files."""
+import os
+
+import pytest
+
+from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
+from examples.models.cogvlm2_llama3_video.synthetic_video import write_synthetic_video
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> str:
+    return make_demo_checkpoint(str(tmp_path_factory.mktemp("chat_model")), seed=1)
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory) -> str:
+    return make_demo_checkpoint(str(tmp_path_factory.mktemp("base_model")), seed=2, template="base", shards=1)
+
+
+@pytest.fixture(scope="session")
+def video_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("videos"))
+
+
+@pytest.fixture(scope="session")
+def video_6_frames(video_dir) -> str:
+    """5 s at 10 fps: the chat rule picks 6 frames."""
+    return write_synthetic_video(os.path.join(video_dir, "six.mp4"), seconds=5, fps=10, size=(96, 64), seed=3)
+
+
+@pytest.fixture(scope="session")
+def video_24_frames(video_dir) -> str:
+    """26 s at 4 fps: the chat rule picks 24 frames."""
+    return write_synthetic_video(os.path.join(video_dir, "long.mp4"), seconds=26, fps=4, size=(96, 64), seed=4)
+
+
+@pytest.fixture(scope="session")
+def video_3_frames(video_dir) -> str:
+    return write_synthetic_video(os.path.join(video_dir, "three.mp4"), seconds=2.5, fps=8, size=(64, 96), seed=5)
