@@ -18,6 +18,7 @@ import torch
 from atb_llm.runner.cache import CacheManager
 from atb_llm.runner.detokenizer import IncrementalDetokenizer
 from atb_llm.runner.sampler import Sampler, SamplingParams, SequenceTokens, make_generator
+from atb_llm.utils.dist import broadcast_from_rank0
 from atb_llm.utils.log import logger
 
 
@@ -191,6 +192,9 @@ class GenerationEngine:
     def _vision_features(self, request: Request) -> torch.Tensor | None:
         if request.vision_embeds is not None:
             return request.vision_embeds
+        if request.pixel_values is None and min(request.prompt_ids) < 0:
+            # Service path: the frames wait in shared memory, named by codes in the vision slots.
+            request.pixel_values = self.runner.model.pixels_from_ids(torch.tensor(request.prompt_ids))
         if request.pixel_values is None:
             return None
         key = request.video_key
@@ -284,7 +288,8 @@ class GenerationEngine:
         if self.on_logits is not None:
             self.on_logits([s.request.request_id for s in states], logits)
         tokens = self.sampler(logits, [s.request.sampling for s in states], [s.tokens for s in states],
-                              [s.generator for s in states]).tolist()
+                              [s.generator for s in states])
+        tokens = broadcast_from_rank0(tokens, self.runner.process_group).tolist()
         outputs = []
         for state, token in zip(states, tokens):
             request = state.request

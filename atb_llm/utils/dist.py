@@ -46,3 +46,10 @@ def all_gather_last_dim(tensor: torch.Tensor, group) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(group.size())]
     torch_dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
+
+
+def broadcast_from_rank0(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Rank 0's values on every rank (sampled tokens, so ranks never diverge)."""
+    if group.size() > 1:
+        torch_dist.broadcast(tensor, src=0, group=group)
+    return tensor

