@@ -53,17 +53,24 @@ class PortableOps:
     @staticmethod
     def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        """One query token per sequence ``q [B, heads, head_dim]`` over its cached context."""
-        batch, max_blocks = block_tables.shape
-        block_size = k_cache.shape[1]
-        keys = k_cache[block_tables].reshape(batch, max_blocks * block_size, *k_cache.shape[2:])
-        values = v_cache[block_tables].reshape(batch, max_blocks * block_size, *v_cache.shape[2:])
-        positions = torch.arange(max_blocks * block_size, device=q.device)
-        mask = (positions.unsqueeze(0) < context_lens.unsqueeze(1)).view(batch, 1, 1, -1)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
-            attn_mask=mask, scale=scale, enable_gqa=True)
-        return out.squeeze(2)
+        """One query token per sequence ``q [B, heads, head_dim]`` over its cached context.
+
+        Written as two batched matmuls with the query heads grouped per KV head: with a one-token query,
+        SDPA on CPU takes a slow masked path (measured ~10x slower than this at batch 8).
+        """
+        batch, heads, head_dim = q.shape
+        max_blocks = block_tables.shape[1]
+        block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+        length = max_blocks * block_size
+        # [B, kv_heads, S, head_dim] gathered from the blocks of each sequence.
+        keys = k_cache[block_tables].view(batch, length, kv_heads, head_dim).transpose(1, 2)
+        values = v_cache[block_tables].view(batch, length, kv_heads, head_dim).transpose(1, 2)
+        grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
+        scores = torch.matmul(grouped, keys.transpose(2, 3).to(q.dtype)).float() * scale  # [B, kv, group, S]
+        padding = torch.arange(length, device=q.device).unsqueeze(0) >= context_lens.unsqueeze(1)
+        scores.masked_fill_(padding.view(batch, 1, 1, length), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, values.to(q.dtype)).view(batch, heads, head_dim)
 
 
 def get_device_ops(device: torch.device):
