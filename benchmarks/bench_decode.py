@@ -104,7 +104,8 @@ def main() -> None:
     print(f"{'batch':>5} {'ours ms/step':>13} {'hf ms/step':>11} {'ratio':>6} {'ours prefill s':>15} "
           f"{'hf prefill s':>13} {'same tokens':>11}")
     for batch in args.batches:
-        prompts = torch.randint(0, 120000, (batch, args.prompt), generator=torch.Generator().manual_seed(batch)).tolist()
+        generator = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(0, 120000, (batch, args.prompt), generator=generator).tolist()
         best = None
         for _ in range(args.repeats):  # interleaved, best of n: the machine is shared and noisy
             ours = time_ours(runner, prompts, args.steps)
