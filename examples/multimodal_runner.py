@@ -36,7 +36,9 @@ class MultimodalPARunner(PARunner):
         return self.prepare_conversation([{"role": "user", "content": content}], sampling)
 
     def infer_multimodal(self, items: Sequence[MultimodalInput], sampling: SamplingParams) -> list[Request]:
-        requests = [self.prepare_request(item, sampling) for item in items]
-        runnable = [r for r in requests if r.error is None]
-        self.run(runnable)
+        return self.run_prepared([self.prepare_request(item, sampling) for item in items])
+
+    def run_prepared(self, requests: list[Request]) -> list[Request]:
+        """Run the requests that were prepared without error; return all of them, in order."""
+        self.run([r for r in requests if r.error is None])
         return requests

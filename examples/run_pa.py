@@ -126,6 +126,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model_path", help="HF checkpoint directory")
     parser.add_argument("--input_texts", nargs="+", default=["What's deep learning?"])
+    parser.add_argument("--input_file", default=None,
+                        help="a .jsonl file, one conversation per line: a list of {role, content} messages")
     parser.add_argument("--max_input_length", type=int, default=1024)
     parser.add_argument("--max_output_length", type=int, default=20)
     parser.add_argument("--max_position_embeddings", type=int, default=None)

@@ -181,3 +181,27 @@ def test_engine_refuses_empty_prompt(runner):
     engine = runner.make_engine()
     with pytest.raises(ValueError, match="empty"):
         engine.add_request(Request(prompt_ids=[], sampling=SamplingParams()))
+
+
+def test_runner_input_file_conversations(chat_model_dir, video_3_frames, tmp_path):
+    import json
+
+    conversations = tmp_path / "conversations.jsonl"
+    lines = [
+        [{"role": "user", "content": "what is the general content of this video?"},
+         {"role": "system", "content": "Birds over the sea."},
+         {"role": "user", "content": [{"type": "video_url", "video_url": video_3_frames},
+                                      {"type": "text", "text": "Please give me a more detailed description."}]}],
+        {"messages": [{"role": "tool", "content": "not a model role"}]},
+    ]
+    conversations.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    results = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, "-m", "examples.models.cogvlm2_llama3_video.run_pa", "--model_path",
+                           chat_model_dir, "--input_file", str(conversations), "--max_output_length", "3",
+                           "--ignore_eos", "--results_save_path", str(results)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    good, bad = json.loads(results.read_text())
+    assert good["input_text"] == "Please give me a more detailed description."
+    assert good["video_path"] == video_3_frames and len(good["output_token_ids"]) == 3
+    assert bad["finish_reason"] == "error" and "unsupported role 'tool'" in bad["error"]

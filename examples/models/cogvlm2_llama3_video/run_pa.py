@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from atb_llm.models.cogvlm2_llama3_video.input_builder_cogvlm2_llama3_video import parse_conversation
 from atb_llm.runner.engine import Request
 from atb_llm.utils.log import logger, print_log
 from examples.multimodal_runner import MultimodalInput, MultimodalPARunner
@@ -32,6 +33,30 @@ def pair_inputs(texts: Sequence[str], videos: Sequence[str]) -> list[MultimodalI
     return [MultimodalInput(text, video) for text, video in zip(texts, videos)]
 
 
+def read_conversations(path: str) -> list[list]:
+    """One conversation per line: a JSON list of messages (or an object with "messages")."""
+    conversations = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SystemExit(f"{path}:{number}: not JSON: {error}") from None
+            conversations.append(value["messages"] if isinstance(value, dict) else value)
+    return conversations
+
+
+def describe(conversation: list) -> MultimodalInput:
+    """The last question and the conversation's video, for printing and the results file."""
+    try:
+        parsed = parse_conversation(conversation)
+        return MultimodalInput(parsed.query, parsed.video)
+    except ValueError:
+        return MultimodalInput(json.dumps(conversation, ensure_ascii=False)[:200])
+
+
 def result_record(item: MultimodalInput, request: Request) -> dict:
     return {"input_text": item.text, "video_path": item.video, "output_text": request.text,
             "output_token_ids": list(request.output_ids), "prompt_tokens": len(request.prompt_ids),
@@ -53,9 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_log(0, logger.info, f"no --model_path: using the embedded demo checkpoint {args.model_path}")
         if videos is None:
             videos = [demo_video]
-    items = pair_inputs(args.input_texts, videos or [])
     runner = Cogvlm2VideoRunner(**vars(args))
-    requests = runner.infer_multimodal(items, sampling_from_args(args))
+    sampling = sampling_from_args(args)
+    if args.input_file:
+        conversations = read_conversations(args.input_file)
+        items = [describe(conversation) for conversation in conversations]
+        requests = runner.run_prepared([runner.prepare_conversation(c, sampling) for c in conversations])
+    else:
+        items = pair_inputs(args.input_texts, videos or [])
+        requests = runner.infer_multimodal(items, sampling)
     for i, (item, request) in enumerate(zip(items, requests)):
         print_log(runner.rank, logger.info, f"Question[{i}]: {item.text} (video: {item.video})")
         if request.error:
