@@ -273,3 +273,25 @@ def test_config_without_model_type_is_refused(tmp_path, chat_model_dir):
         json.dump(config, file)
     with pytest.raises(ValueError, match="model_type"):
         get_model(model_dir)
+
+
+def test_prepare_prefill_token_for_the_multimodal_runner(runner, video_6_frames):
+    """MindIE's multimodal runner passes embeddings as input_ids at prefill, with our position ids."""
+    from types import SimpleNamespace
+
+    model = runner.model.model
+    embeds, positions = model.prepare_prefill_token(
+        SimpleNamespace(text="What is shown?", video=video_6_frames, image=None), runner.model.tokenizer)
+    direct = ask(runner, "What is shown?", video_6_frames)
+    assert embeds.shape == (len(direct.prompt_ids), model.hidden_size)
+    assert positions.tolist() == list(runner.model.generate_position_ids(np.asarray(direct.prompt_ids)))
+    cache = runner.make_cache_manager()
+    blocks = cache.block_manager.allocate(len(positions))
+    slots = torch.tensor([blocks[i // cache.block_size] * cache.block_size + i % cache.block_size
+                          for i in range(len(positions))])
+    common = dict(position_ids=positions, is_prefill=True, kv_cache=cache.kv_cache, block_tables=torch.tensor([blocks]),
+                  slots=slots, input_lengths=torch.tensor([len(positions)]), max_seq_len=len(positions))
+    from_embeds = model.forward(input_ids=embeds, **common)
+    from_ids = model.forward(input_ids=torch.tensor(direct.prompt_ids), pixel_values=[direct.pixel_values], **common)
+    cache.block_manager.free(blocks)
+    assert (from_embeds - from_ids).abs().max().item() < 1e-5

@@ -98,6 +98,31 @@ class FlashCogvlm2_llama3_videoForCausalLM(FlashForCausalLM):
             embeds[seg][slot_mask[seg]] = features.to(embeds.dtype)
         return embeds
 
+    @torch.inference_mode()
+    def prepare_prefill_token(self, multimodalparams, processor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MindIE's multimodal runner: (inputs_embeds ``[T, hidden]``, position_ids ``[T]``) for one request.
+
+        ``processor`` is the tokenizer (the framework falls back to it when no AutoProcessor exists);
+        ``multimodalparams`` carries ``text`` and ``video`` (a path, or None).
+        """
+        from atb_llm.models.cogvlm2_llama3_video.input_builder_cogvlm2_llama3_video import (
+            Cogvlm2_llama3_videoInputBuilder,
+        )
+
+        tokenizer = getattr(processor, "tokenizer", processor)
+        builder = Cogvlm2_llama3_videoInputBuilder(tokenizer, self.config)
+        content = [{"text": multimodalparams.text or ""}]
+        video = getattr(multimodalparams, "video", None)
+        if isinstance(video, (list, tuple)):
+            video = video[0] if video else None
+        if video:
+            content.insert(0, {"video": video})
+        ids, pixels, _ = builder.prepare([{"role": "user", "content": content}])
+        input_ids = torch.tensor(ids, device=self.placeholder.device)
+        embeds = self._prefill_embeddings(input_ids, [len(ids)], [pixels], None)
+        positions = torch.as_tensor(builder.generate_position_ids(np.asarray(ids)), device=input_ids.device)
+        return embeds, positions
+
     # -- forward -----------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids, position_ids, is_prefill, kv_cache, block_tables, slots, input_lengths,
