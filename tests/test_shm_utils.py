@@ -338,10 +338,11 @@ def test_get_data_segment_too_small_raises(save_path):
 
 def test_get_data_bad_codes_raise(save_path):
     name_code, shape_code = write_tensor_to_shm(np.ones(4), save_path)
+    # Flip the lowest checksum bit of the magnitude: always a checksum mismatch, whatever the random name.
     with pytest.raises(ValueError):
-        get_data_from_shm(name_code ^ 1, shape_code)
+        get_data_from_shm(-((-name_code) ^ 1), shape_code)
     with pytest.raises(ValueError):
-        get_data_from_shm(name_code, shape_code ^ 1)
+        get_data_from_shm(name_code, -((-shape_code) ^ 1))
     with pytest.raises(ValueError):
         get_data_from_shm(1.5, shape_code)
     with pytest.raises(ValueError):
