@@ -289,7 +289,9 @@ class GenerationEngine:
             self.on_logits([s.request.request_id for s in states], logits)
         tokens = self.sampler(logits, [s.request.sampling for s in states], [s.tokens for s in states],
                               [s.generator for s in states])
-        tokens = broadcast_from_rank0(tokens, self.runner.process_group).tolist()
+        if not getattr(self.runner, "leads_followers", False):  # lockstep ranks must sample alike
+            tokens = broadcast_from_rank0(tokens, self.runner.process_group)
+        tokens = tokens.tolist()
         outputs = []
         for state, token in zip(states, tokens):
             request = state.request

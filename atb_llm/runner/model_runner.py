@@ -25,6 +25,26 @@ def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype, device:
     return dtype
 
 
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
 def default_device(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -56,6 +76,9 @@ class ModelRunner:
         self.dtype = resolve_dtype(kwargs.get("dtype"), getattr(self.config, "torch_dtype", None), self.device)
         self.kv_cache_dtype = self.dtype
         self.model = None
+        # Leader/follower tensor parallelism: rank 0 schedules and broadcasts each step's inputs, the other
+        # ranks only run the model (``follow``). Off: every rank runs the same engine in lockstep.
+        self.leads_followers = False
 
     def load_weights(self, **kwargs) -> None:
         weights = Weights(self.model_name_or_path, self.device, self.dtype, process_group=self.process_group)
@@ -74,10 +97,35 @@ class ModelRunner:
         self.k_head_size = self.v_head_size = self.head_size
 
     def forward(self, **kwargs) -> torch.Tensor:
+        if self.leads_followers:
+            self._broadcast_step({k: v for k, v in kwargs.items() if k != "kv_cache"})
         try:
             return self.model.forward(**kwargs)
         except torch.OutOfMemoryError as error:
             raise RuntimeError(f"out of device memory during forward: {error}") from error
+
+    def _broadcast_step(self, step: dict | None) -> None:
+        payload = [None if step is None else _to_cpu(step)]
+        torch.distributed.broadcast_object_list(payload, src=0, group=self.process_group)
+
+    def follow(self, kv_cache) -> None:
+        """Ranks other than 0: run every step rank 0 broadcasts, until it says stop."""
+        while True:
+            payload = [None]
+            torch.distributed.broadcast_object_list(payload, src=0, group=self.process_group)
+            step = payload[0]
+            if step is None:
+                return
+            try:
+                self.model.forward(kv_cache=kv_cache, **_to_device(step, self.device))
+            except Exception as error:  # rank 0 sees the same failure and reports it
+                logger.warning(f"rank {self.rank}: step failed: {error}")
+
+    def release_followers(self) -> None:
+        """Rank 0: let the following ranks return from ``follow``."""
+        if self.leads_followers:
+            self._broadcast_step(None)
+            self.leads_followers = False
 
     def generate_position_ids(self, input_ids):
         return self.input_builder.generate_position_ids(input_ids)
