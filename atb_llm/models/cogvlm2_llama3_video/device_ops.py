@@ -3,6 +3,7 @@
 ``PortableOps`` is plain PyTorch (CPU, CUDA). The Ascend implementation lives in ``ascend_ops`` and is
 imported only when tensors are on an NPU, so ``torch_npu`` is never needed elsewhere.
 """
+import os
 from collections.abc import Sequence
 
 import torch
@@ -73,9 +74,18 @@ class PortableOps:
         return torch.matmul(probs, values.to(q.dtype)).view(batch, heads, head_dim)
 
 
-def get_device_ops(device: torch.device):
-    if device.type == "npu":
+# Forces a backend whatever the device ("ascend" or "portable"); tests use it to run the Ascend
+# implementation on CPU over a fake torch_npu.
+DEVICE_OPS_ENV = "COGVLM2_DEVICE_OPS"
+
+
+def get_device_ops(device: torch.device | str):
+    choice = os.environ.get(DEVICE_OPS_ENV, "").strip().lower()
+    if choice not in ("", "ascend", "portable"):
+        raise ValueError(f"{DEVICE_OPS_ENV} must be 'ascend' or 'portable', got {choice!r}")
+    if choice == "ascend" or (not choice and torch.device(device).type == "npu"):
         from atb_llm.models.cogvlm2_llama3_video.ascend_ops import AscendOps
 
+        AscendOps.check_available()
         return AscendOps
     return PortableOps

@@ -11,11 +11,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atb_llm.utils.dist import all_gather_last_dim, all_reduce
+from atb_llm.models.cogvlm2_llama3_video.parallel_cogvlm2_llama3_video import (
+    all_gather_last_dim,
+    all_reduce,
+    resolve_group,
+)
 
 
 def _parameter(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
+
+
+def _tp_group(weights):
+    """The torch.distributed group of the weights' tensor-parallel ranks (None for one process)."""
+    return resolve_group(weights.process_group, weights.device)
+
+
+def packed_qkv_shard(weights, name: str, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """This rank's rows of a packed ``q | k | v`` weight: its query heads, then the key/value heads of
+    their group. With fewer KV heads than ranks, each KV head is replicated on ``world // kv`` ranks."""
+    rank, world = weights.process_group.rank(), weights.process_group.size()
+    if num_heads % world:
+        raise ValueError(f"{num_heads} query heads do not split over {world} ranks")
+    if num_kv_heads % world and world % num_kv_heads:
+        raise ValueError(f"{num_kv_heads} kv heads can neither be split nor replicated over {world} ranks")
+    whole = weights.get_tensor(name)
+    q, k, v = whole.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=0)
+    q = q.chunk(world, dim=0)[rank]
+    kv_parts = min(world, num_kv_heads)
+    kv_index = rank * kv_parts // world
+    k, v = k.chunk(kv_parts, dim=0)[kv_index], v.chunk(kv_parts, dim=0)[kv_index]
+    return torch.cat([q, k, v], dim=0).contiguous()
 
 
 class Linear(nn.Module):
@@ -211,11 +237,11 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = max(kv_heads // world, 1)
         self.scale = self.head_dim ** -0.5
         self.ops = ops
-        self.query_key_value = ColumnParallelLinear(weights.get_tensor_col_packed_qkv(
-            f"{prefix}.language_expert_query_key_value.weight", config.hidden_size,
-            config.num_attention_heads, kv_heads))
+        self.query_key_value = ColumnParallelLinear(packed_qkv_shard(
+            weights, f"{prefix}.language_expert_query_key_value.weight", config.num_attention_heads, kv_heads,
+            self.head_dim))
         self.dense = RowParallelLinear(
-            weights.get_multi_weights_row(f"{prefix}.language_expert_dense"), weights.process_group)
+            weights.get_multi_weights_row(f"{prefix}.language_expert_dense"), _tp_group(weights))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -241,7 +267,7 @@ class LlamaMLP(nn.Module):
         self.gate_proj = ColumnParallelLinear(weights.get_multi_weights_col([f"{prefix}.gate_proj"]))
         self.up_proj = ColumnParallelLinear(weights.get_multi_weights_col([f"{prefix}.up_proj"]))
         self.down_proj = RowParallelLinear(weights.get_multi_weights_row(f"{prefix}.down_proj"),
-                                           weights.process_group)
+                                           _tp_group(weights))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -285,7 +311,7 @@ class VocabParallelHead(nn.Module):
     def __init__(self, weights, prefix: str = "lm_head"):
         super().__init__()
         self.weight = _parameter(weights.get_sharded(f"{prefix}.weight", dim=0))
-        self.process_group = weights.process_group
+        self.process_group = _tp_group(weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_gather_last_dim(F.linear(x, self.weight), self.process_group)

@@ -1,0 +1,144 @@
+"""The Ascend backend over a fake ``torch_npu`` (tests/fake_npu): per-op agreement with PortableOps, and the
+whole model on the Ascend path matching the portable path (greedy tokens equal, logits within 1e-4, fp32)."""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+from atb_llm.models.cogvlm2_llama3_video.device_ops import DEVICE_OPS_ENV, PortableOps, get_device_ops
+from atb_llm.runner.sampler import SamplingParams
+from examples.multimodal_runner import MultimodalInput, MultimodalPARunner
+
+FAKE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_npu")
+
+
+@pytest.fixture()
+def fake_npu(monkeypatch):
+    """Puts the fake torch_npu on sys.path for one test and takes it away afterwards."""
+    monkeypatch.syspath_prepend(FAKE_DIR)
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    module = importlib.import_module("torch_npu")
+    assert module.IS_FAKE
+    module.CALLS.clear()
+    yield module
+    sys.modules.pop("torch_npu", None)
+
+
+@pytest.fixture()
+def ascend(fake_npu):
+    from atb_llm.models.cogvlm2_llama3_video.ascend_ops import AscendOps
+
+    return AscendOps
+
+
+def test_backend_selection(monkeypatch, fake_npu):
+    from atb_llm.models.cogvlm2_llama3_video.ascend_ops import AscendOps
+
+    monkeypatch.delenv(DEVICE_OPS_ENV, raising=False)
+    assert get_device_ops(torch.device("cpu")) is PortableOps
+    monkeypatch.setenv(DEVICE_OPS_ENV, "ascend")
+    assert get_device_ops(torch.device("cpu")) is AscendOps
+    monkeypatch.setenv(DEVICE_OPS_ENV, "portable")
+    assert get_device_ops("cpu") is PortableOps
+    monkeypatch.setenv(DEVICE_OPS_ENV, "tpu")
+    with pytest.raises(ValueError, match=DEVICE_OPS_ENV):
+        get_device_ops("cpu")
+
+
+def test_missing_torch_npu_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # import torch_npu -> ImportError
+    monkeypatch.setenv(DEVICE_OPS_ENV, "ascend")
+    with pytest.raises(RuntimeError, match="torch_npu"):
+        get_device_ops("cpu")
+
+
+def test_rms_norm(ascend, fake_npu):
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(7, 64, generator=gen), 1 + 0.1 * torch.randn(64, generator=gen)
+    torch.testing.assert_close(ascend.rms_norm(x, weight, 1e-5), PortableOps.rms_norm(x, weight, 1e-5))
+    assert fake_npu.CALLS["npu_rms_norm"] == 1
+
+
+def test_rope(ascend, fake_npu):
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(5, 4, 16, generator=gen), torch.randn(5, 2, 16, generator=gen)
+    angles = torch.randn(5, 8, generator=gen)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    for got, want in zip(ascend.rope(q, k, cos, sin), PortableOps.rope(q, k, cos, sin)):
+        torch.testing.assert_close(got, want)
+    assert fake_npu.CALLS["npu_rotary_mul"] == 2
+
+
+def test_write_kv(ascend, fake_npu):
+    gen = torch.Generator().manual_seed(2)
+    caches = [torch.zeros(4, 8, 2, 16) for _ in range(4)]
+    k, v = torch.randn(5, 2, 16, generator=gen), torch.randn(5, 2, 16, generator=gen)
+    slots = torch.tensor([3, 17, 8, 31, 0], dtype=torch.int64)  # int64 from the runner; the op takes int32
+    ascend.write_kv(caches[0], caches[1], k, v, slots)
+    PortableOps.write_kv(caches[2], caches[3], k, v, slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert fake_npu.CALLS["_npu_reshape_and_cache"] == 1
+
+
+def test_prefill_attention_ragged_gqa(ascend, fake_npu):
+    gen = torch.Generator().manual_seed(3)
+    lengths = [5, 1, 9]
+    total = sum(lengths)
+    q = torch.randn(total, 4, 16, generator=gen)
+    k, v = torch.randn(total, 2, 16, generator=gen), torch.randn(total, 2, 16, generator=gen)
+    got = ascend.prefill_attention(q, k, v, lengths, 0.25)
+    torch.testing.assert_close(got, PortableOps.prefill_attention(q, k, v, lengths, 0.25), atol=1e-6, rtol=1e-5)
+    assert fake_npu.CALLS["_npu_flash_attention"] == 1
+
+
+def test_paged_decode_attention(ascend, fake_npu):
+    gen = torch.Generator().manual_seed(4)
+    k_cache, v_cache = torch.randn(6, 4, 2, 16, generator=gen), torch.randn(6, 4, 2, 16, generator=gen)
+    q = torch.randn(3, 4, 16, generator=gen)
+    block_tables = torch.tensor([[5, 2, 0], [1, 0, 0], [3, 4, 0]])  # padded with 0, as the runner does
+    context_lens = torch.tensor([7, 1, 8])
+    got = ascend.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, 0.25)
+    want = PortableOps.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, 0.25)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert fake_npu.CALLS["_npu_paged_attention"] == 1
+
+
+def test_fake_rejects_int64_indices(fake_npu):
+    """The fake keeps the operators' dtype rules, so a backend that forgot a cast fails here too."""
+    with pytest.raises(RuntimeError, match="int32"):
+        fake_npu._npu_reshape_and_cache(torch.zeros(1, 2, 16), torch.zeros(1, 2, 16), torch.zeros(2, 4, 2, 16),
+                                        torch.zeros(2, 4, 2, 16), torch.tensor([0]))
+
+
+def run_model(model_dir: str, items: list[MultimodalInput], steps: int):
+    runner = MultimodalPARunner(model_path=model_dir, dtype="float32", device="cpu", max_input_length=2048,
+                                max_output_length=steps, max_batch_size=len(items), block_size=16)
+    sampling = SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True)
+    requests = [runner.prepare_request(item, sampling) for item in items]
+    engine = runner.make_engine()
+    logits = {}
+    engine.on_logits = lambda ids, rows: [logits.setdefault(i, []).append(r.clone()) for i, r in zip(ids, rows)]
+    engine.generate(requests)
+    assert all(r.error is None for r in requests)
+    return runner.model.model.ops, [(r.output_ids, torch.stack(logits[r.request_id])) for r in requests]
+
+
+def test_model_on_ascend_path_matches_portable(monkeypatch, fake_npu, chat_model_dir, video_6_frames):
+    from atb_llm.models.cogvlm2_llama3_video.ascend_ops import AscendOps
+
+    items = [MultimodalInput("What is happening in this video?", video_6_frames),
+             MultimodalInput("What's deep learning?")]
+    steps = 8
+    monkeypatch.setenv(DEVICE_OPS_ENV, "portable")
+    portable_ops, portable = run_model(chat_model_dir, items, steps)
+    monkeypatch.setenv(DEVICE_OPS_ENV, "ascend")
+    ascend_ops, ascend = run_model(chat_model_dir, items, steps)
+    assert portable_ops is PortableOps and ascend_ops is AscendOps
+    for (want_tokens, want_logits), (got_tokens, got_logits) in zip(portable, ascend):
+        assert got_tokens == want_tokens
+        assert (got_logits - want_logits).abs().max().item() < 1e-4
+    for op in ("npu_rms_norm", "npu_rotary_mul", "_npu_reshape_and_cache", "_npu_flash_attention",
+               "_npu_paged_attention"):
+        assert fake_npu.CALLS[op] > 0, f"{op} was never called"
