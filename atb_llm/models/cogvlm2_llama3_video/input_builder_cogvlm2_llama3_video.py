@@ -150,7 +150,7 @@ class Cogvlm2_llama3_videoInputBuilder(InputBuilder):
             return ids
         save_path = kwargs.get("shm_name_save_path") or os.path.join(
             os.path.dirname(os.path.dirname(os.path.abspath(video))), "shm_name.txt")
-        name_code, shape_code = shm_utils.write_tensor_to_shm(pixels.numpy(), save_path)
+        name_code, shape_code = write_pixels_to_shm(pixels, save_path)
         first_slot = ids.index(self.pad_token_id)
         ids[first_slot:first_slot + 2] = [name_code, shape_code]
         return ids
@@ -159,6 +159,25 @@ class Cogvlm2_llama3_videoInputBuilder(InputBuilder):
         """From the ids alone: vision slots hold the pad id or a (negative) shm code."""
         ids = np.asarray(input_ids)
         return vision_aware_positions((ids == self.pad_token_id) | (ids < 0))
+
+
+def write_pixels_to_shm(pixels: torch.Tensor, shm_name_save_path: str) -> tuple[int, int]:
+    """Frames as contiguous float32 in a new shared-memory segment -> (name code, shape code).
+
+    Only the framework's shm_utils names (create_shm and the encoders): the segment's name is appended to
+    ``shm_name_save_path``, whose owner releases it (``release_shared_memory``) when the request ends.
+    """
+    array = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())
+    shape_code = shm_utils.encode_shape_to_int64(list(array.shape))  # validate before creating anything
+    shm = shm_utils.create_shm(max(array.nbytes, 1), shm_name_save_path)
+    try:
+        name_code = shm_utils.encode_shm_name_to_int64(shm.name)
+        view = np.ndarray(array.shape, dtype=np.float32, buffer=shm.buf)
+        view[...] = array
+        del view
+    finally:
+        shm.close()
+    return name_code, shape_code
 
 
 def vision_aware_positions(vision_mask: np.ndarray) -> np.ndarray:
