@@ -177,6 +177,7 @@ def mindie_like_tree(root: str) -> str:
     shutil.copytree(os.path.join(REPO, "atb_llm"), os.path.join(tree, "atb_llm"),
                     ignore=shutil.ignore_patterns("__pycache__", MODEL_TYPE))
     os.makedirs(os.path.join(tree, "examples", "models", "llava"))
+    os.makedirs(os.path.join(tree, "tests", "modeltest", "modeltest", "config", "model"))
     for path in ("examples/__init__.py", "examples/models/__init__.py"):
         open(os.path.join(tree, path), "w").close()
     return tree
@@ -197,7 +198,8 @@ def test_install_into_mindie_tree(tmp_path, chat_model_dir):
                  f"atb_llm/models/{MODEL_TYPE}/ascend_ops.py",
                  f"examples/models/{MODEL_TYPE}/run_pa.sh",
                  f"examples/models/{MODEL_TYPE}/run_pa.py",
-                 "requirements/models/requirements_cogvlm2_video_llama3_chat.txt"):
+                 "requirements/models/requirements_cogvlm2_video_llama3_chat.txt",
+                 f"tests/modeltest/modeltest/config/model/{MODEL_TYPE}.yaml"):
         assert os.path.isfile(os.path.join(tree, path)), path
     assert not any("__pycache__" in dirs for _, dirs, _ in os.walk(os.path.join(tree, "atb_llm", "models", MODEL_TYPE)))
     assert os.path.isdir(os.path.join(tree, "examples", "models", "llava"))  # the rest is untouched

@@ -8,6 +8,7 @@
 #   atb_llm/models/cogvlm2_llama3_video/                      (the plugin: get_model finds it by model_type)
 #   examples/models/cogvlm2_llama3_video/                     (run_pa.sh and the model's scripts)
 #   requirements/models/requirements_cogvlm2_video_llama3_chat.txt
+#   tests/modeltest/modeltest/config/model/cogvlm2_llama3_video.yaml   (only if the tree has that folder)
 # and refuses to overwrite an existing installation unless --force is given. Nothing else in the tree
 # is touched: the framework needs no change for this model.
 set -euo pipefail
@@ -49,6 +50,11 @@ if [ "${target}" = "${source_root}" ]; then
 fi
 
 sources=("atb_llm/models/${model}" "examples/models/${model}" "${requirements}")
+# The regression suite's model config, when the tree has MindIE's modeltest.
+modeltest_config="tests/modeltest/modeltest/config/model/${model}.yaml"
+if [ -d "${target}/$(dirname "${modeltest_config}")" ]; then
+    sources+=("${modeltest_config}")
+fi
 for path in "${sources[@]}"; do
     if [ ! -e "${source_root}/${path}" ]; then
         echo "error: ${source_root}/${path} is missing from this checkout" >&2

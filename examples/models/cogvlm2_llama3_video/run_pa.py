@@ -6,10 +6,12 @@
 """
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 from atb_llm.models.cogvlm2_llama3_video.input_builder_cogvlm2_llama3_video import parse_conversation
 from atb_llm.runner.engine import Request
+from atb_llm.runner.sampler import SamplingParams
 from atb_llm.utils.log import logger, print_log
 from examples.multimodal_runner import MultimodalInput, MultimodalPARunner
 from examples.run_pa import base_parser, report_timings, sampling_from_args
@@ -17,8 +19,79 @@ from examples.run_pa import base_parser, report_timings, sampling_from_args
 DEFAULT_QUESTION = "What is the general content of this video?"
 
 
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def query_conversations(queries) -> list[list[dict]]:
+    """modeltest's queries as one-turn conversations. Accepted: an object with ``input_texts`` and
+    ``video_path`` lists (MindIE's ``MultimodalInput`` batch), or a list whose items are a text, a
+    ``MultimodalInput``, a ``{"text", "video"}`` dict or a list of content items (``[{"video": p}, {"text": q}]``,
+    the qwen2_vl form of the videobench task)."""
+    if hasattr(queries, "input_texts"):
+        texts = _as_list(queries.input_texts)
+        videos = _as_list(getattr(queries, "video_path", None))
+        queries = [MultimodalInput(text, video) for text, video in zip(texts, videos or [None] * len(texts))]
+    conversations = []
+    for query in queries:
+        if isinstance(query, str):
+            content = [{"text": query}]
+        elif isinstance(query, MultimodalInput):
+            content = ([{"video": query.video}] if query.video else []) + [{"text": query.text}]
+        elif isinstance(query, dict):
+            content = ([{"video": query["video"]}] if query.get("video") else []) + [{"text": query.get("text", "")}]
+        else:
+            content = list(query)
+        conversations.append([{"role": "user", "content": content}])
+    return conversations
+
+
 class Cogvlm2VideoRunner(MultimodalPARunner):
-    """The model's runner (the class a modeltest config names)."""
+    """The model's runner (the class a modeltest config names).
+
+    MindIE's modeltest builds it from the model YAML (``mm_model.warm_up_input_texts`` / ``warm_up_video_path``
+    arrive as ``input_texts`` / ``video_path``), calls ``warm_up()``, then ``infer(queries, **infer_params)``.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.warm_up_texts = _as_list(kwargs.get("input_texts")) or [DEFAULT_QUESTION]
+        self.warm_up_videos = _as_list(kwargs.get("video_path"))
+        self.warm_up_done = False
+
+    def warm_up(self) -> None:
+        """As MindIE's multimodal runner: allocate the KV cache (a full-length sequence per batch slot) and run
+        ``max_batch_size`` copies of the first warm-up input for two tokens."""
+        video = self.warm_up_videos[0] if self.warm_up_videos else None
+        sampling = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+        requests = self.run_prepared([self.prepare_request(MultimodalInput(self.warm_up_texts[0], video), sampling)
+                                      for _ in range(self.max_batch_size)])
+        errors = [r.error for r in requests if r.error]
+        if errors:
+            raise RuntimeError(f"warm-up failed: {errors[0]}")
+        self.warm_up_done = True
+
+    def infer(self, queries, batch_size: int | None = None, max_output_length: int | None = None,
+              ignore_eos: bool = False, max_iters: int | None = None, shm_name_save_path: str | None = None,
+              **kwargs) -> tuple[list[str], list[tuple[int, int]], float]:
+        """modeltest's entry: greedy answers to ``queries`` -> (texts, (query index, generated tokens) per
+        query, end-to-end seconds). A query that fails gets an empty answer and the error is logged.
+        ``batch_size`` and ``max_iters`` are accepted for the YAML's sake: the engine batches continuously up
+        to ``max_batch_size``. ``shm_name_save_path`` is unused: this runner hands frames over directly."""
+        # Never more than the construction-time budget: the warm-up's KV cache was sized for it.
+        budget = min(max_output_length or self.max_output_length, self.max_output_length)
+        sampling = SamplingParams(max_new_tokens=budget, temperature=0.0, ignore_eos=bool(ignore_eos))
+        start = time.perf_counter()
+        requests = self.run_prepared([self.prepare_conversation(conversation, sampling)
+                                      for conversation in query_conversations(queries)])
+        seconds = time.perf_counter() - start
+        for i, request in enumerate(requests):
+            if request.error:
+                print_log(self.rank, logger.error, f"query {i} failed: {request.error}")
+        texts = ["" if r.error else r.text for r in requests]
+        return texts, [(i, len(r.output_ids)) for i, r in enumerate(requests)], seconds
 
 
 def pair_inputs(texts: Sequence[str], videos: Sequence[str]) -> list[MultimodalInput]:
