@@ -87,3 +87,64 @@ def test_tp4_replicates_kv_heads(single, cases, tmp_path):
     for results in ranks:
         assert results["chat"]["num_kv_heads"] == 1
         assert results["chat"]["kv_cache_shape"][2] == 1
+
+
+RUN_PA_SH = os.path.join(REPO, "examples", "models", "cogvlm2_llama3_video", "run_pa.sh")
+
+
+def runner_args(model_dir: str, video: str, results: str) -> list[str]:
+    return ["--model_path", model_dir, "--video_path", video, "--input_texts", "What is happening?", "Describe it.",
+            "--max_batch_size", "2", "--max_output_length", str(STEPS), "--ignore_eos", "--dtype", "float32",
+            "--device", "cpu", "--block_size", "16", "--results_save_path", results]
+
+
+def launcher_env(**extra: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, MASTER_PORT=str(free_port()),
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "RUN_PA_DRY_RUN", "TP_WORLD_SIZE"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def test_run_pa_sh_world_size_from_flags():
+    """--nproc / --tp (consumed by the launcher) override the device count of ASCEND_RT_VISIBLE_DEVICES."""
+    def dry(*args, **env):
+        done = subprocess.run(["bash", RUN_PA_SH, *args], env=launcher_env(RUN_PA_DRY_RUN="1", **env), cwd=REPO,
+                              capture_output=True, text=True, timeout=30)
+        return done.returncode, done.stdout
+    rc, out = dry("--model_path", "m")
+    assert rc == 0 and "torch.distributed.run" not in out and "--model_path m" in out
+    rc, out = dry("--nproc", "4", "--video_path", "v.mp4")
+    assert rc == 0 and "--nproc_per_node 4" in out and "--nproc " not in out.split("run_pa")[-1]
+    rc, out = dry("--tp=2", ASCEND_RT_VISIBLE_DEVICES="0,1,2,3")
+    assert rc == 0 and "--nproc_per_node 2" in out and "--tp" not in out
+    rc, out = dry(ASCEND_RT_VISIBLE_DEVICES="0,1,2")
+    assert rc == 0 and "--nproc_per_node 3" in out
+    assert dry("--nproc", "zero")[0] != 0
+
+
+def test_offline_runner_tp2_answers_like_one_process(chat_model_dir, video_6_frames, tmp_path):
+    """The real launchers: run_pa.sh with two visible devices, and the runner's own --tp 2."""
+    from examples.models.cogvlm2_llama3_video.run_pa import main
+
+    single = tmp_path / "tp1.json"
+    assert main(runner_args(chat_model_dir, video_6_frames, str(single))) == 0
+    expected = json.loads(single.read_text())
+    assert all(r["error"] is None and len(r["output_token_ids"]) == STEPS for r in expected)
+
+    by_devices = tmp_path / "devices.json"
+    done = subprocess.run(["bash", RUN_PA_SH, *runner_args(chat_model_dir, video_6_frames, str(by_devices))],
+                          env=launcher_env(ASCEND_RT_VISIBLE_DEVICES="0,1"), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "--nproc_per_node" not in done.stdout  # a real run, not the dry one
+    by_flag = tmp_path / "flag.json"
+    done = subprocess.run([sys.executable, "-m", "examples.models.cogvlm2_llama3_video.run_pa", "--tp", "2",
+                           *runner_args(chat_model_dir, video_6_frames, str(by_flag))],
+                          env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for path in (by_devices, by_flag):
+        got = json.loads(path.read_text())
+        assert [r["output_token_ids"] for r in got] == [r["output_token_ids"] for r in expected]
+        assert [r["output_text"] for r in got] == [r["output_text"] for r in expected]

@@ -5,6 +5,9 @@
         --input_texts "What is the general content of this video?"
 """
 import json
+import os
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -136,13 +139,44 @@ def result_record(item: MultimodalInput, request: Request) -> dict:
             "finish_reason": request.finish_reason, "error": request.error}
 
 
+def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
+    """Runs this runner on ``nproc`` processes through torchrun (as run_pa.sh does) and returns its status."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--tp":
+            skip = True
+        elif not arg.startswith("--tp="):
+            rest.append(arg)
+    port = os.environ.get("MASTER_PORT")
+    if not port:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               os.environ.get("MASTER_ADDR", "127.0.0.1"), "--master_port", port,
+               "-m", "examples.models.cogvlm2_llama3_video.run_pa", *rest]
+    return subprocess.call(command)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.set_defaults(input_texts=[DEFAULT_QUESTION], max_input_length=2048, max_output_length=64)
     parser.add_argument("--video_path", nargs="*", default=None,
                         help="one video per input text, or one for all (default: the demo video when "
                              "--model_path is absent, else none)")
+    parser.add_argument("--tp", type=int, default=None,
+                        help="tensor-parallel world size; outside torchrun, relaunches this runner under torchrun "
+                             "with that many processes (default: WORLD_SIZE from torchrun, else 1)")
     args = parser.parse_args(argv)
+    if args.tp is not None:
+        if args.tp < 1:
+            raise SystemExit(f"--tp must be at least 1, got {args.tp}")
+        if "WORLD_SIZE" not in os.environ and args.tp > 1:
+            return relaunch_under_torchrun(args.tp, list(sys.argv[1:] if argv is None else argv))
+        if args.tp != int(os.environ.get("WORLD_SIZE", "1")):
+            raise SystemExit(f"--tp {args.tp} differs from torchrun's WORLD_SIZE {os.environ.get('WORLD_SIZE', '1')}")
     videos = args.video_path
     if args.model_path is None:
         from examples.models.cogvlm2_llama3_video.make_demo import ensure_demo
