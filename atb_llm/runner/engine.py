@@ -74,7 +74,8 @@ class _Running:
         self.request = request
         self.detokenizer = detokenizer
         self.generator = generator
-        self.tokens = SequenceTokens(list(request.prompt_ids))
+        # Service path: vision slots may hold negative shm codes, which are not vocabulary ids to penalise.
+        self.tokens = SequenceTokens([t for t in request.prompt_ids if t >= 0])
         self.kv_len = 0  # tokens whose K/V are cached
         self.next_position = 0  # CogVLM position of the next token (not its index)
 

@@ -1,0 +1,554 @@
+"""HTTP routes: vLLM, TGI, Triton and OpenAI wire formats over one ``Service`` (MINDIE_SERVICE_API.md)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.core import GenerationTimeout, Handle, Service
+from service.errors import GENERATE_PARSE_ERROR, JSON_PARSE_ERROR, ApiError, invalid
+from service.media import first_text
+from service.params import check_openai_model, get, loads_json, parse_openai, parse_tgi, parse_triton, parse_vllm
+
+logger = logging.getLogger("service")
+
+_MODEL_NAME = r"[\w\-.]+"
+TOKEN_MSG = ("Messages token length must be in (0, 1048576], but got {got}. This could be caused by invalid input "
+             "format or empty content.")
+TGI_TOKEN_MSG = "Inputs token length must be in (0, 1048576], but got {got}"
+_TGI_REASONS = {"eos": "eos_token", "length": "length", "stop": "stop_sequence"}
+_OPENAI_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def json_response(obj, status: int = 200, headers: dict | None = None) -> Response:
+    """Non-streaming responses carry ``Connection: close``, as MindIE's."""
+    return Response(dumps(obj), status_code=status, media_type="application/json",
+                    headers={"Connection": "close", **(headers or {})})
+
+
+def error_response(error: ApiError) -> Response:
+    return json_response(error.body(), error.status, error.headers)
+
+
+def empty_response(status: int = 200) -> Response:
+    return Response(b"", status_code=status, headers={"Connection": "close"})
+
+
+class BodyLimit:
+    """413 with the spec's body for requests larger than the limit (checked while reading)."""
+
+    def __init__(self, app, limit_mb: int):
+        self.app = app
+        self.limit = limit_mb * 2**20
+        self.body = dumps({"message": f"Request body too large. Maximum allowed size is {limit_mb}MB."}).encode()
+
+    async def _reject(self, send) -> None:
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                (b"content-length", str(len(self.body)).encode())]})
+        await send({"type": "http.response.body", "body": self.body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    if int(value) > self.limit:
+                        await self._reject(send)
+                        return
+                except ValueError:
+                    pass
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending the body
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._reject(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(service: Service) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        service.start()
+        try:
+            yield
+        finally:
+            service.shutdown()
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    names = service.config.served_model_names
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, error: ApiError):
+        return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, error: StarletteHTTPException):
+        return Response(b"", status_code=error.status_code)  # unknown route: empty 404
+
+    @app.exception_handler(Exception)
+    async def _internal(_request, error: Exception):
+        logger.exception("unhandled error")
+        return Response("Server internal error", status_code=500, media_type="text/plain",
+                        headers={"Connection": "close"})
+
+    async def read_json(request: Request, message: str = JSON_PARSE_ERROR):
+        raw = await request.body()
+        try:
+            return loads_json(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise invalid(message) from None
+
+    # -- vLLM / TGI /generate ------------------------------------------------------------------
+    @app.post("/generate")
+    async def generate(request: Request):
+        try:
+            body = loads_json(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        if isinstance(body, dict) and body.get("prompt") is not None:
+            service.check_running()
+            return await vllm_generate(request, body)
+        if isinstance(body, dict) and body.get("inputs") is not None:
+            service.check_running()
+            return await tgi_generate(request, body, stream=False, wrap_list=False)
+        raise invalid(GENERATE_PARSE_ERROR)
+
+    async def vllm_generate(request: Request, body: dict):
+        prompt = body["prompt"]
+        if isinstance(prompt, str):
+            service.check_chars(prompt, "Prompt must be necessary and data type must be string and length in "
+                                        "(0, {limit}], but the length of inputs is {got}")
+            echo = prompt
+        elif isinstance(prompt, list):
+            service.check_items(prompt, "Prompt arr is empty", "Prompt must be necessary and data type must be "
+                                "string and length in (0, {limit}], but the length of inputs is {got}")
+            echo = first_text(prompt)
+        else:
+            raise invalid("The type of prompt is abnormal")
+        default = service.config.max_iter_times
+        holder = {}
+
+        def parse():
+            holder["params"] = parse_vllm(body, default)
+            return holder["params"]
+
+        handle = await service.admit(items=prompt, parse_params=parse, token_message=TOKEN_MSG)
+        if handle.params.stream:
+            async def chunks():
+                sent = False
+                async for event, error in stream_events(handle):
+                    if error is not None:
+                        yield (dumps(error) + "\0").encode()
+                        return
+                    out = event.output
+                    if out.text or (out.finished and not sent):
+                        sent = True
+                        yield (dumps({"text": [out.text]}) + "\0").encode()
+            return sse(chunks())
+        result = await collect(handle, request)
+        return json_response({"text": [f"{echo} {result.text}"]})
+
+    # -- TGI --------------------------------------------------------------------------------
+    def tgi_input(body: dict):
+        inputs = body.get("inputs")
+        if inputs is None:
+            raise invalid("Request should contain 'inputs' and the type should be string.")
+        if isinstance(inputs, str):
+            service.check_chars(inputs, "Inputs length must be in (0, {limit}], but got {got}")
+        elif isinstance(inputs, list):
+            service.check_items(inputs, "Inputs arr is empty", "Inputs length must be in (0, {limit}], but got {got}")
+        else:
+            raise invalid("The type of inputs is abnormal")
+        return inputs
+
+    async def tgi_generate(request: Request, body: dict, stream: bool, wrap_list: bool):
+        inputs = tgi_input(body)
+        handle = await service.admit(items=inputs, parse_params=lambda: parse_tgi(body, stream),
+                                     token_message=TGI_TOKEN_MSG)
+        params = handle.params
+        prefix = ""
+        if params.return_full_text:
+            prefix = (inputs if isinstance(inputs, str) else dumps(inputs)) + " "
+        if stream:
+            async def chunks():
+                text, count = "", 0
+                async for event, error in stream_events(handle):
+                    if error is not None:
+                        yield f"data: {dumps(error)}\n\n".encode()
+                        return
+                    out = event.output
+                    text += out.text
+                    count += len(out.token_ids)
+                    chunk = {"token": {"id": list(out.token_ids), "text": out.text, "logprob": None,
+                                       "special": None},
+                             "generated_text": None, "details": None}
+                    if out.finished:
+                        chunk["generated_text"] = prefix + text
+                        if params.details:
+                            chunk["details"] = {"prompt_tokens": len(handle.prompt_ids),
+                                                "finish_reason": _TGI_REASONS.get(out.finish_reason,
+                                                                                  "stop_sequence"),
+                                                "generated_tokens": count, "seed": params.seed}
+                    yield f"data: {dumps(chunk)}\n\n".encode()
+            return sse(chunks())
+        result = await collect(handle, request)
+        obj = {"generated_text": prefix + result.text}
+        if params.details or params.decoder_input_details:
+            prefill = []
+            if params.decoder_input_details:
+                prefill = [{"id": service.pad_token_id if t < 0 else t, "logprob": None, "special": None,
+                            "text": None} for t in handle.prompt_ids]
+            obj = {"details": {"prompt_tokens": len(handle.prompt_ids),
+                               "finish_reason": _TGI_REASONS.get(result.finish_reason, "stop_sequence"),
+                               "generated_tokens": len(result.token_ids), "prefill": prefill, "seed": params.seed,
+                               "tokens": [{"id": t, "logprob": None, "special": None, "text": None}
+                                          for t in result.token_ids]},
+                   "generated_text": prefix + result.text}
+        return json_response([obj] if wrap_list else obj)
+
+    @app.post("/generate_stream")
+    async def generate_stream(request: Request):
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise invalid(JSON_PARSE_ERROR)
+        service.check_running()
+        return await tgi_generate(request, body, stream=True, wrap_list=False)
+
+    @app.post("/")
+    async def tgi_root(request: Request):
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise invalid(JSON_PARSE_ERROR)
+        service.check_running()
+        stream = get(body, "stream", "boolean", "stream must be boolean type.")
+        return await tgi_generate(request, body, stream=bool(stream), wrap_list=True)
+
+    # -- Triton -----------------------------------------------------------------------------
+    def check_model(model: str) -> None:
+        import re
+
+        if not re.fullmatch(_MODEL_NAME, model) or model not in names:
+            raise ApiError(404, f"Model {model} not found.")
+
+    async def triton(request: Request, model: str, stream: bool):
+        check_model(model)
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise invalid(JSON_PARSE_ERROR)
+        service.check_running()
+        # The id is checked with the parameters, but it shapes every response: read it first.
+        text_input = body.get("text_input")
+        if text_input is None:
+            raise invalid("The text_input not found")
+        if isinstance(text_input, str):
+            service.check_chars(text_input, "Parameter text_input length must be in (0, {limit}], but got {got}")
+        elif isinstance(text_input, list):
+            service.check_items(text_input, "Parameter text_input arr is empty",
+                                "Parameter text_input length must be in (0, {limit}], but got {got}")
+        else:
+            raise invalid("The type of text_input is abnormal, it must be string or list.")
+        handle = await service.admit(items=text_input, parse_params=lambda: parse_triton(body, stream),
+                                     token_message=TOKEN_MSG, client_timeout=True)
+        params = handle.params
+        rid = params.request_id or service.next_request_id(request.headers.get("req-id"))
+        base = {"id": rid, "model_name": model, "model_version": None}
+        if stream:
+            async def chunks():
+                count, previous = 0, handle.submit_time
+                async for event, error in stream_events(handle):
+                    if error is not None:
+                        yield f"data:{dumps(error)}\n\n".encode()
+                        return
+                    out = event.output
+                    count += len(out.token_ids)
+                    chunk = {**base, "text_output": out.text}
+                    if params.details:
+                        details = {"generated_tokens": count, "first_token_cost": None, "decode_cost": None,
+                                   "batch_size": event.batch_size,
+                                   "queue_wait_time": _ms(event.time - handle.submit_time) if count <= 1 else 0}
+                        if out.finished:
+                            details = {"finish_reason": _TGI_REASONS.get(out.finish_reason, "stop_sequence"),
+                                       **details}
+                        chunk["details"] = details
+                        elapsed = _ms(event.time - previous)
+                        chunk["prefill_time"] = elapsed if count <= 1 else None
+                        chunk["decode_time"] = None if count <= 1 else elapsed
+                    previous = event.time
+                    yield f"data:{dumps(chunk)}\n\n".encode()
+            return sse(chunks())
+        result = await collect(handle, request)
+        obj = {**base, "text_output": result.text}
+        if params.details:
+            obj["details"] = {"finish_reason": _TGI_REASONS.get(result.finish_reason, "stop_sequence"),
+                              "generated_tokens": len(result.token_ids), "first_token_cost": None,
+                              "decode_cost": None, "batch_size": result.batch_sizes,
+                              "queue_wait_time": result.queue_wait}
+        return json_response(obj)
+
+    @app.post("/v2/models/{model}/generate")
+    async def triton_generate(request: Request, model: str):
+        return await triton(request, model, stream=False)
+
+    @app.post("/v2/models/{model}/generate_stream")
+    async def triton_generate_stream(request: Request, model: str):
+        return await triton(request, model, stream=True)
+
+    # -- OpenAI -----------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise invalid(JSON_PARSE_ERROR)
+        service.check_running()
+        model = check_openai_model(body, names)
+        messages = check_messages(body)
+        service.check_chars(dumps(messages), "Messages length must be in (0, {limit}], but got {got}")
+        default = service.config.max_iter_times
+        handle = await service.admit(messages=messages, parse_params=lambda: parse_openai(body, default),
+                                     token_message=TOKEN_MSG)
+        rid = service.next_request_id(request.headers.get("req-id"))
+        created = int(time.time())
+        prompt_tokens = len(handle.prompt_ids)
+
+        def usage(completion: int) -> dict:
+            return {"prompt_tokens": prompt_tokens, "prompt_tokens_details": {"cached_tokens": 0},
+                    "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+        if handle.params.stream:
+            def chunk(delta: dict, finish: str | None, extra: dict | None = None) -> bytes:
+                obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                       **(extra or {})}
+                return f"data: {dumps(obj)}\n\n".encode()
+
+            async def chunks():
+                yield chunk({"role": "assistant", "content": ""}, None)
+                count = 0
+                async for event, error in stream_events(handle):
+                    if error is not None:
+                        yield f"data: {dumps(error)}\n\n".encode()
+                        return
+                    out = event.output
+                    count += len(out.token_ids)
+                    if out.finished:
+                        yield chunk({"role": "assistant", "content": out.text},
+                                    _OPENAI_REASONS.get(out.finish_reason, "stop"), {"usage": usage(count)})
+                    elif out.text:
+                        yield chunk({"role": "assistant", "content": out.text}, None)
+                yield b"data: [DONE]\n\n"
+            return sse(chunks())
+        result = await collect(handle, request)
+        return json_response({
+            "id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text, "tool_calls": []},
+                         "logprobs": None, "finish_reason": _OPENAI_REASONS.get(result.finish_reason, "stop")}],
+            "usage": usage(len(result.token_ids))})
+
+    @app.get("/v1/models")
+    async def list_models():
+        data = {"data": [{"id": name, "object": "model", "owned_by": "MindIE Server", "parent": "null",
+                          "root": service.config.model_path} for name in names], "object": "list"}
+        return Response(json.dumps(data, indent=4, sort_keys=True, ensure_ascii=False),
+                        media_type="application/json", headers={"Connection": "close"})
+
+    @app.get("/v1/models/{model}")
+    async def get_model(model: str):
+        if model not in names:
+            raise ApiError(404, f"Model {model} not found.")
+        return json_response({"id": model, "object": "model", "created": int(service.started),
+                              "owned_by": "MindIE Server"})
+
+    # -- health and info ----------------------------------------------------------------------
+    def stopped_response():
+        return error_response(ApiError(503, "The service has been stopped."))
+
+    @app.get("/health")
+    async def health():
+        return stopped_response() if service.stopping else empty_response()
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        if service.stopping:
+            return stopped_response()
+        if service.busy:
+            return json_response({"message": "Service is alive but busy. Consider reducing request frequency"},
+                                 503)
+        return empty_response()
+
+    @app.get("/v2/health/live")
+    async def live():
+        if service.stopping:
+            return stopped_response()
+        if service.busy:
+            return json_response({"message": "Service is alive but busy"})
+        return empty_response()
+
+    @app.get("/v2/models/{model}/ready")
+    async def model_ready(model: str):
+        check_model(model)
+        return stopped_response() if service.stopping else empty_response()
+
+    @app.get("/info")
+    async def info():
+        cfg = service.config
+        return json_response({
+            "docker_label": None, "max_batch_total_tokens": cfg.max_prefill_tokens, "max_best_of": 1,
+            "max_concurrent_requests": cfg.max_batch_size, "max_input_length": service.max_input_length,
+            "max_stop_sequences": None, "max_waiting_tokens": None, "sha": None, "validation_workers": None,
+            "version": None, "waiting_served_ratio": None,
+            "models": [{"model_device_type": service.model.device.type, "model_dtype": str(service.model.dtype)
+                        .replace("torch.", ""), "model_id": name, "model_pipeline_tag": "text-generation",
+                        "model_sha": None, "max_total_tokens": service.max_seq_len} for name in names]})
+
+    @app.get("/debug/resources")
+    async def debug_resources():
+        """Not in MindIE: KV blocks and shared memory held by the server (for tests and operators)."""
+        return json_response(service.resources())
+
+    # -- helpers over a Handle ------------------------------------------------------------------
+    def check_messages(body: dict) -> list:
+        from service.media import precheck_content
+
+        messages = body.get("messages")
+        if messages is None:
+            raise invalid("Request param contains not messages or messages null")
+        if not isinstance(messages, list) or not messages:
+            raise invalid("Request param contains not messages or messages not arr or arr is empty")
+        for message in messages:
+            if not isinstance(message, dict) or message.get("role") is None:
+                raise invalid("Request param contains not role or role null")
+            role, content = message["role"], message.get("content")
+            if role == "tool" and (not isinstance(message.get("tool_call_id"), str) or not message["tool_call_id"]):
+                raise invalid("Request param tool_call_id must be a non-empty string")
+            if role == "assistant" and not message.get("tool_calls"):
+                if not isinstance(content, str) or not content:
+                    raise invalid('Request param "content" arguments expected to be a string')
+            elif role != "assistant":
+                if content is None:
+                    raise invalid("Request param contains not content or content null")
+                if isinstance(content, list):
+                    if not content:
+                        raise invalid("The type of inputs is abnormal")
+                    precheck_content(content)
+                elif not isinstance(content, str):
+                    raise invalid("The type of inputs is abnormal")
+        return flatten_messages(messages)
+
+    return app
+
+
+def flatten_messages(messages: list) -> list:
+    """Text-only list contents become one string, up to the first message that carries media (spec 7)."""
+    out, media_seen = [], False
+    for message in messages:
+        content = message.get("content")
+        if not media_seen and isinstance(content, list):
+            has_media = any(isinstance(i, dict) and any(k in i for k in ("image_url", "video_url", "audio_url"))
+                            for i in content)
+            if has_media:
+                media_seen = True
+            elif all(isinstance(i, dict) for i in content):
+                message = {**message, "content": "".join(i["text"] for i in content if isinstance(i.get("text"), str))}
+        out.append(message)
+    return out
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def sse(chunks: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class Result:
+    def __init__(self):
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.batch_sizes: list[int] = []
+        self.queue_wait: list[int] = []
+
+
+async def collect(handle: Handle, request: Request) -> Result:
+    """Run a non-streaming request to its end (aborted if the client disconnects or the deadline passes)."""
+    result = Result()
+    last = None
+    try:
+        async with contextlib.aclosing(handle.events(request)) as events:
+            async for event in events:
+                out = event.output
+                result.text += out.text
+                result.token_ids.extend(out.token_ids)
+                if out.token_ids:
+                    result.batch_sizes.append(event.batch_size)
+                    result.queue_wait.append(_ms(event.time - handle.submit_time) if not result.queue_wait else 0)
+                last = out
+    except GenerationTimeout as error:
+        raise ApiError(500, str(error)) from None
+    if last is None or not last.finished:
+        raise ApiError(500, "Client disconnected; the request was aborted")
+    result.finish_reason = last.finish_reason
+    if last.finish_reason == "error":
+        raise ApiError(500, f"Generation failed: {last.error}")
+    if last.finish_reason == "abort":
+        if handle.service.stopping:
+            raise ApiError(503, "The service has been stopped")
+        raise ApiError(500, "The request was aborted")
+    return result
+
+
+async def stream_events(handle: Handle) -> AsyncIterator[tuple]:
+    """(event, None) per engine step, or a final (None, error body) for a timeout, failure or shutdown.
+
+    When the client disconnects, Starlette cancels the response task: the ``aclosing`` block then aborts
+    the request, which frees its KV blocks and shared memory.
+    """
+    try:
+        async with contextlib.aclosing(handle.events()) as events:
+            async for event in events:
+                out = event.output
+                if out.finished and out.finish_reason == "error":
+                    yield None, ApiError(500, f"Generation failed: {out.error}").body()
+                    return
+                if out.finished and out.finish_reason == "abort":
+                    status, text = (503, "The service has been stopped") if handle.service.stopping else (
+                        500, "The request was aborted")
+                    yield None, ApiError(status, text).body()
+                    return
+                yield event, None
+    except GenerationTimeout as error:
+        yield None, ApiError(500, str(error)).body()
+
+
+__all__: list[Callable] = ["create_app"]

@@ -1,0 +1,288 @@
+"""The service object: model + engine loop + admission of one request (shared by every protocol)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from atb_llm.runner.engine import GenerationEngine, QueueFullError, Request, RequestError
+from examples.run_pa import PARunner, eos_token_ids
+from service.errors import TOKEN_LIMIT, ApiError, invalid
+from service.media import MediaResolver, precheck_content
+from service.params import GenParams
+from service.runtime import EngineLoop, Event, ResourceRegistry, Resources, Tokenizers, video_cache_key
+
+logger = logging.getLogger("service")
+
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class ServiceConfig:
+    model_path: str
+    served_model_names: list[str] = field(default_factory=lambda: ["cogvlm2_llama3_video", "cogvlm2"])
+    allowed_media_dirs: list[str] = field(default_factory=lambda: ["/data/multimodal_inputs"])
+    max_batch_size: int = 16
+    max_prefill_tokens: int = 8192
+    max_input_length: int = 2048
+    max_seq_len: int = 2560
+    max_iter_times: int = 512
+    max_queue: int = 1000
+    request_timeout: float = 600.0
+    block_size: int = 128
+    num_blocks: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    max_body_mb: int = 40
+    tokenizer_workers: int = 2
+
+
+class GenerationTimeout(Exception):
+    def __init__(self, reason: str):
+        super().__init__(f"Engine callback timeout: {reason}")
+
+
+def utf16_len(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+class Handle:
+    """One admitted request: its engine request, output queue and deadline."""
+
+    def __init__(self, service: Service, request: Request, queue: asyncio.Queue, params: GenParams,
+                 deadline: float | None, timeout_reason: str, prompt_ids: list[int]):
+        self.service = service
+        self.request = request
+        self.queue = queue
+        self.params = params
+        self.deadline = deadline
+        self.timeout_reason = timeout_reason
+        self.prompt_ids = prompt_ids
+        self.submit_time = time.perf_counter()
+        self.finished = False
+
+    async def events(self, http_request=None) -> AsyncIterator[Event]:
+        """The request's step events; aborts the request if the consumer stops early (disconnect,
+        cancellation, timeout). With ``http_request``, polls for a client disconnect every 200 ms."""
+        try:
+            while True:
+                wait = 0.2 if http_request is not None else None
+                if self.deadline is not None:
+                    remaining = self.deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise GenerationTimeout(self.timeout_reason)
+                    wait = remaining if wait is None else min(wait, remaining)
+                try:
+                    event = await asyncio.wait_for(self.queue.get(), wait) if wait else await self.queue.get()
+                except asyncio.TimeoutError:
+                    if http_request is not None and await http_request.is_disconnected():
+                        return
+                    continue
+                if event.output.finished:
+                    self.finished = True
+                yield event
+                if self.finished:
+                    return
+        finally:
+            if not self.finished:
+                self.service.loop.abort(self.request.request_id)
+
+
+class Service:
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.stopping = False
+        self.started = time.time()
+        self._ids = itertools.count()
+        input_limit = min(config.max_input_length, config.max_seq_len - 1)
+        if input_limit < 1:
+            raise ValueError("--max-seq-len must be at least 2")
+        self.runner = PARunner(model_path=config.model_path, max_input_length=input_limit,
+                               max_output_length=config.max_seq_len - input_limit,
+                               max_batch_size=config.max_batch_size, max_prefill_tokens=config.max_prefill_tokens,
+                               block_size=config.block_size, num_blocks=config.num_blocks, dtype=config.dtype,
+                               device=config.device)
+        self.model = self.runner.model
+        self.max_seq_len = self.runner.max_seq_len
+        self.engine = GenerationEngine(
+            self.model, self.runner.make_cache_manager(), max_batch_size=config.max_batch_size,
+            max_prefill_tokens=config.max_prefill_tokens, max_seq_len=self.max_seq_len,
+            max_input_length=input_limit, eos_token_ids=eos_token_ids(self.model), max_waiting=config.max_queue)
+        self.max_input_length = self.engine.max_input_length
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.pad_token_id = self.model.config.pad_token_id
+        self.template = getattr(self.model.input_builder, "template", "chat")
+        self.loop = EngineLoop(self.engine)
+        self.tokenizers = Tokenizers(self.model, workers=config.tokenizer_workers)
+        self.registry = ResourceRegistry()
+        self.max_request_chars = config.max_body_mb * 2**20
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        # Set the tokenizer's split-special-tokens state once, before worker threads share it.
+        self.model.input_builder.encode_text("warm up")
+        self.loop.start()
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting and abort in-flight requests (safe to call from a signal handler)."""
+        if not self.stopping:
+            self.stopping = True
+            self.loop.abort_all()
+
+    def shutdown(self) -> None:
+        self.begin_shutdown()
+        self.tokenizers.shutdown()
+        self.loop.abort_all()
+        self.loop.stop()
+        self.registry.release_all()
+
+    def next_request_id(self, header: str | None) -> str:
+        return header if header else f"endpoint_common_{next(self._ids)}"
+
+    def check_running(self) -> None:
+        if self.stopping:
+            raise ApiError(503, "The service has been stopped")
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.config.max_queue) and self.engine.num_waiting >= self.config.max_queue
+
+    def resources(self) -> dict:
+        blocks = self.engine.blocks
+        released = list(self.registry.released_segments)
+        return {"kv_blocks_free": blocks.num_free, "kv_blocks_total": blocks.num_blocks,
+                "kv_blocks_all_free": blocks.all_free, "requests_waiting": self.engine.num_waiting,
+                "requests_running": self.engine.num_running, "requests_active": self.loop.num_active,
+                "request_resources_active": len(self.registry.active()),
+                "active_shm_segments": self.registry.active_segments(),
+                "released_shm_segments": released[-256:], "engine_steps": self.loop.steps}
+
+    # -- admission ------------------------------------------------------------------------------
+    def check_items(self, items: list, empty_message: str, chars_message: str) -> None:
+        if not items:
+            raise invalid(empty_message)
+        precheck_content(items)
+        self.check_chars(json.dumps(items, ensure_ascii=False, separators=(",", ":")), chars_message)
+
+    def check_chars(self, text: str, message: str) -> None:
+        n = utf16_len(text)
+        if not 0 < n <= self.max_request_chars:
+            raise invalid(message.format(limit=self.max_request_chars, got=n))
+
+    async def admit(self, *, items: list | str | None = None, messages: list | None = None,
+                    parse_params, token_message: str, client_timeout: bool = False) -> Handle:
+        """Media, parameters, tokenization, limits and enqueue (the spec's processing order).
+
+        ``parse_params()`` validates the sampling parameters (after media, as MindIE). ``token_message``
+        formats the token-count error (``{got}``). Everything the request holds is released on any error.
+        """
+        self.check_running()
+        resources = Resources(self.registry)
+        owned = True
+        try:
+            resolver = MediaResolver(self.config.allowed_media_dirs, resources.tmpdir)
+            if messages is not None:
+                conversation = await self.tokenizers.run(self._resolve_messages, resolver, messages)
+            elif isinstance(items, str):
+                plugin_items = [{"text": items}]
+            else:
+                plugin_items = await self.tokenizers.run(resolver.resolve, items)
+            params: GenParams = parse_params()
+            shm_path = resources.shm_path
+            if messages is not None:
+                future = self.tokenizers.pool.submit(self.tokenizers._chat, conversation, shm_path)
+            else:
+                future = self.tokenizers.pool.submit(self.tokenizers._items, plugin_items, shm_path)
+            try:
+                ids = await asyncio.shield(asyncio.wrap_future(future))
+            except asyncio.CancelledError:
+                # The worker may still write shared memory: release once it is done.
+                owned = False
+                future.add_done_callback(lambda _f: resources.release())
+                raise
+            except (ValueError, OSError, RuntimeError) as error:
+                raise invalid(token_message.format(got=0) + f" Cause: {_first_line(error)}") from None
+            self.check_running()
+            request = self._build_request(ids, params, resources, resolver, token_message)
+            try:
+                queue = self.loop.submit(request)
+            except QueueFullError as error:
+                raise ApiError(503, f"The waiting queue is full: {error}; retry later",
+                               headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            except RequestError as error:
+                raise ApiError(424, f"Failed to enqueue inferRequest. {error}") from None
+            except ValueError as error:
+                raise invalid(str(error)) from None
+            except RuntimeError:
+                raise ApiError(503, "The service has been stopped") from None
+            owned = False  # the engine calls on_release when the request ends
+        finally:
+            if owned:
+                resources.release()
+        deadline, reason = None, "server e2eTimeout"
+        if self.config.request_timeout and self.config.request_timeout > 0:
+            deadline = time.monotonic() + self.config.request_timeout
+        if client_timeout and params.timeout is not None:
+            client_deadline = time.monotonic() + params.timeout
+            if deadline is None or client_deadline < deadline:
+                deadline, reason = client_deadline, "client timeout"
+        return Handle(self, request, queue, params, deadline, reason, list(request.prompt_ids))
+
+    def _resolve_messages(self, resolver: MediaResolver, messages: list) -> list[dict]:
+        conversation = []
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, list):
+                content = resolver.resolve(content)
+            conversation.append({"role": message["role"], "content": "" if content is None else content})
+        return conversation
+
+    def _build_request(self, ids: list[int], params: GenParams, resources: Resources, resolver: MediaResolver,
+                       token_message: str) -> Request:
+        n = len(ids)
+        if not 0 < n <= TOKEN_LIMIT:
+            raise invalid(token_message.format(got=n))
+        if params.truncate is not None and params.truncate < n:
+            cut = n - params.truncate
+            vision = [i for i, t in enumerate(ids) if t < 0 or t == self.pad_token_id]
+            if vision and vision[0] < cut:
+                raise invalid(f"Parameter truncate={params.truncate} would cut into the video's vision tokens: the "
+                              f"prompt has {n} tokens and the video starts at token {vision[0]}; use truncate >= "
+                              f"{n - vision[0]} or leave it unset")
+            ids = ids[cut:]
+            n = len(ids)
+        if n > self.max_input_length:
+            raise ApiError(424, "Failed to enqueue inferRequest. This model's maximum input ids length cannot be "
+                                f"greater than {self.max_input_length},the input ids length is {n}")
+        requested = params.max_tokens if params.max_tokens is not None else params.default_max_tokens
+        max_new = max(1, min(requested, self.config.max_iter_times, self.max_seq_len - n))
+        try:
+            sampling = params.sampling(max_new, self.vocab_size)
+        except ValueError as error:
+            raise invalid(str(error)) from None
+        key = None
+        if len(set(resolver.videos)) == 1:
+            with contextlib.suppress(OSError):
+                key = video_cache_key(resolver.videos[0], self.template)
+        return Request(prompt_ids=list(ids), sampling=sampling, video_key=key, request_id=self.loop.new_id(),
+                       on_release=resources.release)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def default_num_blocks(max_seq_len: int, block_size: int, max_batch_size: int) -> int:
+    return math.ceil(max_seq_len / block_size) * max_batch_size
+
+
+def demo_media_dir(video_path: str) -> str:
+    return os.path.dirname(os.path.realpath(video_path))
