@@ -6,8 +6,11 @@ import argparse
 import json
 import math
 import os
+import socket
+import sys
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 from atb_llm.runner.cache import CacheManager
 from atb_llm.runner.engine import GenerationEngine, Request
@@ -143,6 +146,30 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--results_save_path", default=None, help="write the results as JSON here")
     add_sampling_args(parser)
     return parser
+
+
+def relaunch_under_torchrun(nproc: int, module: str, argv: list[str]) -> NoReturn:
+    """Replaces this process with torchrun running ``python -m module`` on ``nproc`` processes (as run_pa.sh
+    does), without the ``--tp`` flag. Replacing, not spawning, lets signals reach torchrun, which stops every
+    worker when one fails or when it is told to stop."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--tp":
+            skip = True
+        elif not arg.startswith("--tp="):
+            rest.append(arg)
+    port = os.environ.get("MASTER_PORT")
+    if not port:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               os.environ.get("MASTER_ADDR", "127.0.0.1"), "--master_port", port, "-m", module, *rest]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
 
 
 def main() -> None:

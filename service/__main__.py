@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
+import subprocess
 import sys
+import time
 
 import uvicorn
 
 from service.app import BodyLimit, create_app
-from service.core import Service, ServiceConfig, demo_media_dir
+from service.core import Service, ServiceConfig, demo_media_dir, follow
 from service.media import DEFAULT_MEDIA_DIR
 
 DEFAULT_NAMES = ["cogvlm2_llama3_video", "cogvlm2"]
@@ -46,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--max-body-mb", type=int, default=40, help="request body limit (MindIE maxRequestLength)")
     p.add_argument("--tokenizer-workers", type=int, default=2, help="threads decoding videos")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel world size: relaunches under torchrun with that many processes; rank 0 "
+                        "serves HTTP and schedules, the others follow its batches (default: WORLD_SIZE, else 1)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -88,11 +95,70 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def supervise_workers(nproc: int, argv: list[str]) -> int:
+    """Runs ``nproc`` tensor-parallel server processes and stops them together.
+
+    Not torchrun: on SIGTERM torchrun ends its workers at once and exits non-zero with a traceback, where a
+    server should drain. Here SIGTERM/SIGINT go to rank 0, which aborts in-flight requests, releases the
+    followers and exits; if any process dies, the others are stopped (SIGTERM, then SIGKILL) and the exit
+    status is 1.
+    """
+    rest = [a for i, a in enumerate(argv) if a != "--tp" and not a.startswith("--tp=")
+            and not (i > 0 and argv[i - 1] == "--tp")]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        # A session of their own: a terminal's Ctrl-C reaches only this supervisor, which forwards it to rank 0.
+        procs.append(subprocess.Popen([sys.executable, "-m", "service", *rest], env=env, start_new_session=True))
+    stop_requested = []
+
+    def forward(signum, _frame):
+        stop_requested.append(time.monotonic())
+        if procs[0].poll() is None:
+            procs[0].send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    killing_since = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(code is not None for code in codes):
+            return 0 if all(code == 0 for code in codes) else 1
+        failed = any(code not in (None, 0) for code in codes)
+        overdue = stop_requested and time.monotonic() - stop_requested[0] > 30
+        if (failed or overdue) and killing_since is None:
+            killing_since = time.monotonic()
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+        if killing_since is not None and time.monotonic() - killing_since > 10:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.1)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] "
                                                               "[%(name)s] %(message)s")
-    service = Service(config_from_args(args))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tp is not None:
+        if args.tp < 1:
+            raise SystemExit(f"--tp must be at least 1, got {args.tp}")
+        if "WORLD_SIZE" not in os.environ and args.tp > 1:
+            return supervise_workers(args.tp, list(sys.argv[1:] if argv is None else argv))
+        if args.tp != world_size:
+            raise SystemExit(f"--tp {args.tp} differs from torchrun's WORLD_SIZE {world_size}")
+    config = config_from_args(args)
+    if int(os.environ.get("RANK", "0")) != 0:
+        follow(config)
+        return 0
+    service = Service(config)
     app = BodyLimit(create_app(service), service.config.max_body_mb)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=5, access_log=False)

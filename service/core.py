@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -95,21 +96,34 @@ class Handle:
                 self.service.loop.abort(self.request.request_id)
 
 
+def build_runner(config: ServiceConfig) -> tuple[PARunner, int]:
+    """The model (this rank's shard under tensor parallelism) and the prompt-length limit."""
+    input_limit = min(config.max_input_length, config.max_seq_len - 1)
+    if input_limit < 1:
+        raise ValueError("--max-seq-len must be at least 2")
+    runner = PARunner(model_path=config.model_path, max_input_length=input_limit,
+                      max_output_length=config.max_seq_len - input_limit, max_batch_size=config.max_batch_size,
+                      max_prefill_tokens=config.max_prefill_tokens, block_size=config.block_size,
+                      num_blocks=config.num_blocks, dtype=config.dtype, device=config.device)
+    return runner, input_limit
+
+
+def follow(config: ServiceConfig) -> None:
+    """Tensor-parallel ranks other than 0: load this rank's shard and run the steps rank 0 broadcasts."""
+    runner, _ = build_runner(config)
+    runner.model.follow(runner.make_cache_manager().kv_cache)
+
+
 class Service:
     def __init__(self, config: ServiceConfig):
         self.config = config
         self.stopping = False
         self.started = time.time()
         self._ids = itertools.count()
-        input_limit = min(config.max_input_length, config.max_seq_len - 1)
-        if input_limit < 1:
-            raise ValueError("--max-seq-len must be at least 2")
-        self.runner = PARunner(model_path=config.model_path, max_input_length=input_limit,
-                               max_output_length=config.max_seq_len - input_limit,
-                               max_batch_size=config.max_batch_size, max_prefill_tokens=config.max_prefill_tokens,
-                               block_size=config.block_size, num_blocks=config.num_blocks, dtype=config.dtype,
-                               device=config.device)
+        self.runner, input_limit = build_runner(config)
         self.model = self.runner.model
+        # Under tensor parallelism rank 0 serves HTTP and schedules; the other ranks follow its steps.
+        self.model.leads_followers = self.model.world_size > 1
         self.max_seq_len = self.runner.max_seq_len
         self.engine = GenerationEngine(
             self.model, self.runner.make_cache_manager(), max_batch_size=config.max_batch_size,
@@ -142,6 +156,17 @@ class Service:
         self.loop.abort_all()
         self.loop.stop()
         self.registry.release_all()
+        self._release_followers()
+
+    def _release_followers(self, timeout: float = 5.0) -> None:
+        """Let tensor-parallel followers exit; a dead follower must not hang the shutdown."""
+        if not self.model.leads_followers:
+            return
+        releaser = threading.Thread(target=self.model.release_followers, name="release-followers", daemon=True)
+        releaser.start()
+        releaser.join(timeout)
+        if releaser.is_alive():
+            logger.warning("tensor-parallel followers did not acknowledge the shutdown")
 
     def next_request_id(self, header: str | None) -> str:
         return header if header else f"endpoint_common_{next(self._ids)}"

@@ -6,8 +6,6 @@
 """
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -17,7 +15,7 @@ from atb_llm.runner.engine import Request
 from atb_llm.runner.sampler import SamplingParams
 from atb_llm.utils.log import logger, print_log
 from examples.multimodal_runner import MultimodalInput, MultimodalPARunner
-from examples.run_pa import base_parser, report_timings, sampling_from_args
+from examples.run_pa import base_parser, relaunch_under_torchrun, report_timings, sampling_from_args
 
 DEFAULT_QUESTION = "What is the general content of this video?"
 
@@ -139,27 +137,6 @@ def result_record(item: MultimodalInput, request: Request) -> dict:
             "finish_reason": request.finish_reason, "error": request.error}
 
 
-def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
-    """Runs this runner on ``nproc`` processes through torchrun (as run_pa.sh does) and returns its status."""
-    rest, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--tp":
-            skip = True
-        elif not arg.startswith("--tp="):
-            rest.append(arg)
-    port = os.environ.get("MASTER_PORT")
-    if not port:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = str(sock.getsockname()[1])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               os.environ.get("MASTER_ADDR", "127.0.0.1"), "--master_port", port,
-               "-m", "examples.models.cogvlm2_llama3_video.run_pa", *rest]
-    return subprocess.call(command)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.set_defaults(input_texts=[DEFAULT_QUESTION], max_input_length=2048, max_output_length=64)
@@ -174,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.tp < 1:
             raise SystemExit(f"--tp must be at least 1, got {args.tp}")
         if "WORLD_SIZE" not in os.environ and args.tp > 1:
-            return relaunch_under_torchrun(args.tp, list(sys.argv[1:] if argv is None else argv))
+            relaunch_under_torchrun(args.tp, "examples.models.cogvlm2_llama3_video.run_pa",
+                                    list(sys.argv[1:] if argv is None else argv))
         if args.tp != int(os.environ.get("WORLD_SIZE", "1")):
             raise SystemExit(f"--tp {args.tp} differs from torchrun's WORLD_SIZE {os.environ.get('WORLD_SIZE', '1')}")
     videos = args.video_path
