@@ -205,3 +205,26 @@ def test_runner_input_file_conversations(chat_model_dir, video_3_frames, tmp_pat
     assert good["input_text"] == "Please give me a more detailed description."
     assert good["video_path"] == video_3_frames and len(good["output_token_ids"]) == 3
     assert bad["finish_reason"] == "error" and "unsupported role 'tool'" in bad["error"]
+
+
+def test_logprobs_are_the_models_distribution(runner):
+    request = text_request(runner, "Hello", max_new_tokens=4, temperature=0.0, ignore_eos=True, logprobs=3)
+    plain = text_request(runner, "Hello", max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    engine = runner.make_engine()
+    rows = {}
+    engine.on_logits = lambda ids, logits: [rows.setdefault(i, []).append(r.clone()) for i, r in zip(ids, logits)]
+    outputs = []
+    for r in (request, plain):
+        engine.add_request(r)
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert plain.output_ids == request.output_ids and plain.output_logprobs == []
+    mine = [o for o in outputs if o.request_id == request.request_id]
+    assert [o.logprobs[0] for o in mine] == request.output_logprobs and len(mine) == 4
+    for step, (output, logits) in enumerate(zip(mine, rows[request.request_id])):
+        expected = torch.log_softmax(logits.float(), -1)
+        token = request.output_ids[step]
+        assert abs(output.logprobs[0] - expected[token].item()) < 1e-5
+        top_ids = [t for t, _ in output.top_logprobs[0]]
+        assert top_ids == torch.topk(expected, 3).indices.tolist() and top_ids[0] == token  # greedy: the top one
+    assert all(o.logprobs is None for o in outputs if o.request_id == plain.request_id)

@@ -43,6 +43,7 @@ class Request:
 
     # Runtime state, owned by the engine.
     output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)  # filled when sampling.logprobs is set
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None
@@ -65,6 +66,9 @@ class StepOutput:
     finished: bool
     finish_reason: str | None = None
     error: str | None = None
+    # With SamplingParams.logprobs: per token, its logprob and the top (token id, logprob) pairs.
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class _Running:
@@ -292,23 +296,47 @@ class GenerationEngine:
                               [s.generator for s in states])
         if not getattr(self.runner, "leads_followers", False):  # lockstep ranks must sample alike
             tokens = broadcast_from_rank0(tokens, self.runner.process_group)
+        logprobs = self._logprobs(states, logits, tokens)
         tokens = tokens.tolist()
         outputs = []
-        for state, token in zip(states, tokens):
+        for i, (state, token) in enumerate(zip(states, tokens)):
             request = state.request
             state.tokens.append(token)
             request.output_ids.append(token)
             delta = state.detokenizer.add_token(token)
             reason = self._stop_reason(state, token)
             if reason is None:
-                outputs.append(StepOutput(request.request_id, [token], delta, False))
-                continue
-            if reason != "stop" or not state.detokenizer.stopped:
-                delta += state.detokenizer.finish()
-            request.text = state.detokenizer.text
-            self._running.remove(state)
-            outputs.append(self._finish_request(request, reason, token_ids=[token], delta=delta))
+                output = StepOutput(request.request_id, [token], delta, False)
+            else:
+                if reason != "stop" or not state.detokenizer.stopped:
+                    delta += state.detokenizer.finish()
+                request.text = state.detokenizer.text
+                self._running.remove(state)
+                output = self._finish_request(request, reason, token_ids=[token], delta=delta)
+            if i in logprobs:
+                chosen, top = logprobs[i]
+                request.output_logprobs.append(chosen)
+                output.logprobs, output.top_logprobs = [chosen], [top]
+            outputs.append(output)
         return outputs
+
+    @staticmethod
+    def _logprobs(states: list[_Running], logits: torch.Tensor, tokens: torch.Tensor) -> dict:
+        """Row -> (logprob of the sampled token, top-k (id, logprob)) under the model's distribution,
+        for the rows that asked for logprobs."""
+        rows = [i for i, s in enumerate(states) if s.request.sampling.logprobs is not None]
+        if not rows:
+            return {}
+        index = torch.tensor(rows, device=logits.device)
+        logp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+        chosen = logp.gather(1, tokens.to(logits.device).index_select(0, index).view(-1, 1)).squeeze(1).tolist()
+        result = {}
+        for j, row in enumerate(rows):
+            k = states[row].request.sampling.logprobs
+            top = torch.topk(logp[j], k) if k else None
+            pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            result[row] = (chosen[j], pairs)
+        return result
 
     def _stop_reason(self, state: _Running, token: int) -> str | None:
         sampling = state.request.sampling

@@ -68,6 +68,7 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None => none; k >= 0 => the chosen token's logprob and the top k
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field if any value is out of range."""
@@ -115,6 +116,9 @@ class SamplingParams:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise _invalid(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 
         if self.seed is not None:
             if not _is_int(self.seed):
