@@ -4,6 +4,7 @@ looks."""
 import ast
 import dataclasses
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -174,20 +175,28 @@ def mindie_like_tree(root: str) -> str:
     """A directory shaped like MindIE-LLM's atb_models: the framework's atb_llm (here: the portable host, without
     this model) and examples/ with another model in it."""
     tree = os.path.join(root, "atb_models")
+    # MindIE's atb_llm/runner has model_runner.py (and tokenizer_wrapper.py) only: not our engine.
     shutil.copytree(os.path.join(REPO, "atb_llm"), os.path.join(tree, "atb_llm"),
-                    ignore=shutil.ignore_patterns("__pycache__", MODEL_TYPE))
+                    ignore=shutil.ignore_patterns("__pycache__", MODEL_TYPE, *[f"{m}.py" for m in RUNTIME_MODULES]))
     os.makedirs(os.path.join(tree, "examples", "models", "llava"))
     os.makedirs(os.path.join(tree, "tests", "modeltest", "modeltest", "config", "model"))
     for path in ("examples/__init__.py", "examples/models/__init__.py"):
         open(os.path.join(tree, path), "w").close()
+    # MindIE's own shared runners differ from ours: the model's runner must not need them.
+    for path in ("examples/run_pa.py", "examples/multimodal_runner.py"):
+        with open(os.path.join(tree, path), "w") as file:
+            file.write("raise ImportError('MindIE's shared runner, not this repository's')\n")
     return tree
+
+
+RUNTIME_MODULES = ("engine", "cache", "sampler", "detokenizer", "offline_runner")
 
 
 def run_install(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", INSTALL, *args], capture_output=True, text=True, timeout=60)
 
 
-def test_install_into_mindie_tree(tmp_path, chat_model_dir):
+def test_install_into_mindie_tree(tmp_path, chat_model_dir, video_3_frames):
     tree = mindie_like_tree(str(tmp_path))
     assert not os.path.exists(os.path.join(tree, "atb_llm", "models", MODEL_TYPE))
     done = run_install(tree)
@@ -215,6 +224,20 @@ def test_install_into_mindie_tree(tmp_path, chat_model_dir):
     assert name == "Cogvlm2_llama3_videoRouter"
     assert module_file.startswith(os.path.realpath(tree))
     assert model_cls == "FlashCogvlm2_llama3_videoForCausalLM"
+
+    # The model's launcher runs inside the tree, on the installed runtime and MindIE's ModelRunner.
+    results = os.path.join(str(tmp_path), "results.json")
+    launch_env = dict(os.environ, PYTHONPATH=tree, PYTHON=sys.executable, ASCEND_RT_VISIBLE_DEVICES="0")
+    ran = subprocess.run(["bash", f"examples/models/{MODEL_TYPE}/run_pa.sh", "--model_path", chat_model_dir,
+                          "--video_path", video_3_frames, "--max_output_length", "4", "--ignore_eos",
+                          "--results_save_path", results], cwd=tree, env=launch_env, capture_output=True,
+                         text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    with open(results, encoding="utf-8") as file:
+        record = json.load(file)[0]
+    assert record["error"] is None and len(record["output_token_ids"]) == 4
+    for module in RUNTIME_MODULES:
+        assert os.path.isfile(os.path.join(tree, "atb_llm", "runner", f"{module}.py"))
 
     again = run_install(tree)
     assert again.returncode != 0 and "--force" in again.stderr

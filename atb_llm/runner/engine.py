@@ -18,7 +18,6 @@ import torch
 from atb_llm.runner.cache import CacheManager
 from atb_llm.runner.detokenizer import IncrementalDetokenizer
 from atb_llm.runner.sampler import Sampler, SamplingParams, SequenceTokens, make_generator
-from atb_llm.utils.dist import broadcast_from_rank0
 from atb_llm.utils.log import logger
 
 
@@ -110,6 +109,11 @@ class GenerationEngine:
         self.vision_cache_size = vision_cache_size
         # Observer of each step's logits (request ids, [B, vocab]): for debugging and logit dumps.
         self.on_logits: Callable[[list[str], torch.Tensor], None] | None = None
+        # Under tensor parallelism either every rank runs this engine in lockstep (offline, torchrun), or
+        # rank 0 alone does and the others follow its steps (ModelRunner.leads_followers, the service).
+        self.lockstep_ranks = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                               and torch.distributed.get_world_size() > 1
+                               and not getattr(runner, "leads_followers", False))
 
     # -- admission ---------------------------------------------------------------------------
     def check_request(self, request: Request) -> None:
@@ -294,8 +298,8 @@ class GenerationEngine:
             self.on_logits([s.request.request_id for s in states], logits)
         tokens = self.sampler(logits, [s.request.sampling for s in states], [s.tokens for s in states],
                               [s.generator for s in states])
-        if not getattr(self.runner, "leads_followers", False):  # lockstep ranks must sample alike
-            tokens = broadcast_from_rank0(tokens, self.runner.process_group)
+        if self.lockstep_ranks:  # every rank runs this engine: they must sample alike
+            torch.distributed.broadcast(tokens, src=0)
         logprobs = self._logprobs(states, logits, tokens)
         tokens = tokens.tolist()
         outputs = []

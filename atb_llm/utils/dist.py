@@ -32,24 +32,3 @@ def initialize_distributed(rank: int, world_size: int, device: torch.device | No
         os.environ.setdefault("MASTER_PORT", "29500")
         torch_dist.init_process_group(backend_for(device or torch.device("cpu")), rank=rank, world_size=world_size)
     return torch_dist.group.WORLD
-
-
-def all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
-    if group.size() > 1:
-        torch_dist.all_reduce(tensor, group=group)
-    return tensor
-
-
-def all_gather_last_dim(tensor: torch.Tensor, group) -> torch.Tensor:
-    if group.size() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(group.size())]
-    torch_dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
-
-def broadcast_from_rank0(tensor: torch.Tensor, group) -> torch.Tensor:
-    """Rank 0's values on every rank (sampled tokens, so ranks never diverge)."""
-    if group.size() > 1:
-        torch_dist.broadcast(tensor, src=0, group=group)
-    return tensor

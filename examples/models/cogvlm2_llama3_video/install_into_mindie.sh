@@ -9,6 +9,8 @@
 #   examples/models/cogvlm2_llama3_video/                     (run_pa.sh and the model's scripts)
 #   requirements/models/requirements_cogvlm2_video_llama3_chat.txt
 #   tests/modeltest/modeltest/config/model/cogvlm2_llama3_video.yaml   (only if the tree has that folder)
+#   atb_llm/runner/{engine,cache,sampler,detokenizer,offline_runner}.py  (the continuous-batching runtime the
+#       model's runner drives; new files beside MindIE's model_runner.py, which it uses as is)
 # and refuses to overwrite an existing installation unless --force is given. Nothing else in the tree
 # is touched: the framework needs no change for this model.
 set -euo pipefail
@@ -50,6 +52,9 @@ if [ "${target}" = "${source_root}" ]; then
 fi
 
 sources=("atb_llm/models/${model}" "examples/models/${model}" "${requirements}")
+for module in engine cache sampler detokenizer offline_runner; do
+    sources+=("atb_llm/runner/${module}.py")
+done
 # The regression suite's model config, when the tree has MindIE's modeltest.
 modeltest_config="tests/modeltest/modeltest/config/model/${model}.yaml"
 if [ -d "${target}/$(dirname "${modeltest_config}")" ]; then

@@ -12,10 +12,16 @@ from collections.abc import Sequence
 
 from atb_llm.models.cogvlm2_llama3_video.input_builder_cogvlm2_llama3_video import parse_conversation
 from atb_llm.runner.engine import Request
+from atb_llm.runner.offline_runner import (
+    MultimodalInput,
+    MultimodalPARunner,
+    base_parser,
+    relaunch_under_torchrun,
+    report_timings,
+    sampling_from_args,
+)
 from atb_llm.runner.sampler import SamplingParams
 from atb_llm.utils.log import logger, print_log
-from examples.multimodal_runner import MultimodalInput, MultimodalPARunner
-from examples.run_pa import base_parser, relaunch_under_torchrun, report_timings, sampling_from_args
 
 DEFAULT_QUESTION = "What is the general content of this video?"
 
