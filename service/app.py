@@ -11,10 +11,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.core import GenerationTimeout, Handle, Service
-from service.errors import GENERATE_PARSE_ERROR, JSON_PARSE_ERROR, ApiError, invalid
+from service.core import GenerationTimeout, Handle, Service, utf16_len
+from service.errors import GENERATE_PARSE_ERROR, JSON_PARSE_ERROR, TOKEN_LIMIT, ApiError, invalid
 from service.media import first_text
-from service.params import check_openai_model, get, loads_json, parse_openai, parse_tgi, parse_triton, parse_vllm
+from service.params import (
+    TRITON_ID,
+    check_openai_model,
+    get,
+    loads_json,
+    parse_completions,
+    parse_infer,
+    parse_openai,
+    parse_tgi,
+    parse_triton,
+    parse_triton_token,
+    parse_vllm,
+)
 
 logger = logging.getLogger("service")
 
@@ -22,6 +34,8 @@ _MODEL_NAME = r"[\w\-.]+"
 TOKEN_MSG = ("Messages token length must be in (0, 1048576], but got {got}. This could be caused by invalid input "
              "format or empty content.")
 TGI_TOKEN_MSG = "Inputs token length must be in (0, 1048576], but got {got}"
+COMPLETION_TOKEN_MSG = ("Length of Prompt token should be greater than 0 and less than or equal to 1048576, but "
+                        "got {got}")
 _TGI_REASONS = {"eos": "eos_token", "length": "length", "stop": "stop_sequence"}
 _OPENAI_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
@@ -155,28 +169,27 @@ def create_app(service: Service) -> FastAPI:
             echo = first_text(prompt)
         else:
             raise invalid("The type of prompt is abnormal")
-        default = service.config.max_iter_times
-        holder = {}
-
-        def parse():
-            holder["params"] = parse_vllm(body, default)
-            return holder["params"]
-
-        handle = await service.admit(items=prompt, parse_params=parse, token_message=TOKEN_MSG)
+        default, max_n = service.config.max_iter_times, service.config.max_batch_size
+        handle = await service.admit(items=prompt, parse_params=lambda: parse_vllm(body, default, max_n),
+                                     token_message=TOKEN_MSG)
+        count = handle.params.num_seqs
         if handle.params.stream:
             async def chunks():
                 sent = False
-                async for event, error in stream_events(handle):
+                async for batch, error in stream_batches(handle):
                     if error is not None:
                         yield (dumps(error) + "\0").encode()
                         return
-                    out = event.output
-                    if out.text or (out.finished and not sent):
+                    deltas = [""] * count
+                    for event in batch:
+                        deltas[event.index] += event.output.text
+                    if any(deltas) or (handle.finished and not sent):
                         sent = True
-                        yield (dumps({"text": [out.text]}) + "\0").encode()
+                        yield (dumps({"text": deltas}) + "\0").encode()
             return sse(chunks())
-        result = await collect(handle, request)
-        return json_response({"text": [f"{echo} {result.text}"]})
+        results = await collect_all(handle, request)
+        ranked = best(results, handle.params.num_return, ranked=count > 1)
+        return json_response({"text": [f"{echo} {r.text}" for r in ranked]})
 
     # -- TGI --------------------------------------------------------------------------------
     def tgi_input(body: dict):
@@ -209,7 +222,8 @@ def create_app(service: Service) -> FastAPI:
                     out = event.output
                     text += out.text
                     count += len(out.token_ids)
-                    chunk = {"token": {"id": list(out.token_ids), "text": out.text, "logprob": None,
+                    logprob = out.logprobs[0] if params.details and out.logprobs else None
+                    chunk = {"token": {"id": list(out.token_ids), "text": out.text, "logprob": logprob,
                                        "special": None},
                              "generated_text": None, "details": None}
                     if out.finished:
@@ -231,8 +245,10 @@ def create_app(service: Service) -> FastAPI:
             obj = {"details": {"prompt_tokens": len(handle.prompt_ids),
                                "finish_reason": _TGI_REASONS.get(result.finish_reason, "stop_sequence"),
                                "generated_tokens": len(result.token_ids), "prefill": prefill, "seed": params.seed,
-                               "tokens": [{"id": t, "logprob": None, "special": None, "text": None}
-                                          for t in result.token_ids]},
+                               "tokens": [{"id": t, "logprob": lp, "special": service.is_special(t),
+                                           "text": service.token_text(t)}
+                                          for t, lp in zip(result.token_ids, _padded(result.logprobs,
+                                                                                     len(result.token_ids)))]},
                    "generated_text": prefix + result.text}
         return json_response([obj] if wrap_list else obj)
 
@@ -281,6 +297,7 @@ def create_app(service: Service) -> FastAPI:
                                      token_message=TOKEN_MSG, client_timeout=True)
         params = handle.params
         rid = params.request_id or service.next_request_id(request.headers.get("req-id"))
+        service.track(rid, handle)
         base = {"id": rid, "model_name": model, "model_version": None}
         if stream:
             async def chunks():
@@ -333,46 +350,314 @@ def create_app(service: Service) -> FastAPI:
         model = check_openai_model(body, names)
         messages = check_messages(body)
         service.check_chars(dumps(messages), "Messages length must be in (0, {limit}], but got {got}")
-        default = service.config.max_iter_times
-        handle = await service.admit(messages=messages, parse_params=lambda: parse_openai(body, default),
+        default, max_n = service.config.max_iter_times, service.config.max_batch_size
+        handle = await service.admit(messages=messages, parse_params=lambda: parse_openai(body, default, max_n),
                                      token_message=TOKEN_MSG)
+        return await openai_response(request, handle, model, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise invalid(JSON_PARSE_ERROR)
+        service.check_running()
+        model = check_openai_model(body, names, "Not found given model, please check modelName in config file.")
+        prompt = body.get("prompt")
+        if prompt is None:
+            raise invalid("Contains not prompt or prompt null")
+        if isinstance(prompt, str):
+            n = utf16_len(prompt)
+            if not 0 < n <= service.max_request_chars:
+                raise invalid("Length of Prompt text should be greater than 0 and less than or equal to "
+                              f"{service.max_request_chars}, but got {n}")
+            try:
+                ids = await service.tokenizers.run(service.encode_plain, prompt)
+            except ValueError as error:
+                raise invalid(COMPLETION_TOKEN_MSG.format(got=0) + f" Cause: {error}") from None
+        elif isinstance(prompt, list):
+            if not prompt:
+                raise invalid("Prompt array cannot be empty.")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise invalid("All elements of the prompt array must be integers.")
+            ids = list(prompt)
+        else:
+            raise invalid("The type of prompt is abnormal,prompt must be str or integer list.")
+        if len(ids) > TOKEN_LIMIT:
+            raise invalid(COMPLETION_TOKEN_MSG.format(got=len(ids)))
+        default, max_n = service.config.max_iter_times, service.config.max_batch_size
+        handle = await service.admit(ids=ids, parse_params=lambda: parse_completions(body, default, max_n),
+                                     token_message=COMPLETION_TOKEN_MSG)
+        return await openai_response(request, handle, model, chat=False)
+
+    async def openai_response(request: Request, handle: Handle, model: str, chat: bool):
+        params = handle.params
         rid = service.next_request_id(request.headers.get("req-id"))
+        service.track(rid, handle)
         created = int(time.time())
         prompt_tokens = len(handle.prompt_ids)
+        obj_type = "chat.completion" if chat else "text_completion"
 
         def usage(completion: int) -> dict:
+            if not chat:
+                return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                        "total_tokens": prompt_tokens + completion}
             return {"prompt_tokens": prompt_tokens, "prompt_tokens_details": {"cached_tokens": 0},
                     "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
-        if handle.params.stream:
-            def chunk(delta: dict, finish: str | None, extra: dict | None = None) -> bytes:
-                obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                       **(extra or {})}
+        def logprobs_of(token_ids, logprobs, tops, offset: int = 0):
+            if not params.logprobs:
+                return None
+            if chat:
+                return {"content": chat_logprobs(token_ids, logprobs, tops)}
+            return completion_logprobs(token_ids, logprobs, tops, offset)
+
+        def chat_logprobs(token_ids, logprobs, tops) -> list:
+            skip = params.skip_special_tokens
+            content = []
+            for token, logprob, top in zip(token_ids, logprobs, tops):
+                text = service.token_text(token, skip)
+                content.append({"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
+                                "top_logprobs": [{"token": (t := service.token_text(i)), "logprob": v,
+                                                  "bytes": list(t.encode("utf-8"))}
+                                                 for i, v in top[:params.top_logprobs]]})
+            return content
+
+        def completion_logprobs(token_ids, logprobs, tops, offset: int) -> dict:
+            out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+            for token, logprob, top in zip(token_ids, logprobs, tops):
+                text = service.token_text(token, params.skip_special_tokens)
+                out["text_offset"].append(offset)
+                offset += len(text)
+                out["token_logprobs"].append(logprob)
+                out["tokens"].append(text)
+                alternatives = {text: logprob}
+                for i, v in top[:params.top_logprobs]:
+                    alternatives.setdefault(service.token_text(i), v)
+                out["top_logprobs"].append(alternatives)
+            return out
+
+        def finish(reason: str | None) -> str:
+            return _OPENAI_REASONS.get(reason, "stop")
+
+        if params.stream:
+            def chunk(index: int, content: str, finish_reason: str | None, logprobs=None,
+                      extra: dict | None = None) -> bytes:
+                if chat:
+                    choice = {"index": index, "delta": {"role": "assistant", "content": content},
+                              "logprobs": logprobs, "finish_reason": finish_reason}
+                else:
+                    choice = {"index": index, "text": content, "logprobs": logprobs, "stop_reason": None,
+                              "finish_reason": finish_reason}
+                obj = {"id": rid, "object": obj_type + ".chunk" if chat else obj_type, "created": created,
+                       "model": model, "choices": [choice], **(extra or {})}
                 return f"data: {dumps(obj)}\n\n".encode()
 
             async def chunks():
-                yield chunk({"role": "assistant", "content": ""}, None)
-                count = 0
+                count = params.num_seqs
+                if chat:
+                    for index in range(count):
+                        yield chunk(index, "", None)
+                total = 0
+                pending = [([], [], []) for _ in range(count)]  # logprobs of tokens whose text is not out yet
+                offsets = [0] * count
+                async for event, error in stream_events(handle):
+                    if error is not None:
+                        yield f"data: {dumps(error)}\n\n".encode()
+                        return
+                    out, index = event.output, event.index
+                    total += len(out.token_ids)
+                    ids, lps, tops = pending[index]
+                    if out.logprobs:
+                        ids.extend(out.token_ids)
+                        lps.extend(out.logprobs)
+                        tops.extend(out.top_logprobs or [[] for _ in out.logprobs])
+                    if not (out.text or out.finished):
+                        continue
+                    logprobs = logprobs_of(ids, lps, tops, offsets[index])
+                    if logprobs is not None and not chat:
+                        offsets[index] += sum(len(t) for t in logprobs["tokens"])
+                    pending[index] = ([], [], [])
+                    if out.finished:
+                        yield chunk(index, out.text, finish(out.finish_reason), logprobs, {"usage": usage(total)})
+                    else:
+                        yield chunk(index, out.text, None, logprobs)
+                yield b"data: [DONE]\n\n"
+            return sse(chunks())
+        results = await collect_all(handle, request)
+        chosen = best(results, params.num_return, ranked=params.num_return < params.num_seqs)
+        choices = []
+        for index, result in enumerate(chosen):
+            logprobs = logprobs_of(result.token_ids, result.logprobs, result.top_logprobs)
+            if chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": result.text,
+                                                            "tool_calls": []},
+                                "logprobs": logprobs, "finish_reason": finish(result.finish_reason)})
+            else:
+                choices.append({"index": index, "text": result.text, "logprobs": logprobs, "stop_reason": None,
+                                "finish_reason": "length" if result.finish_reason == "length" else "stop"})
+        return json_response({"id": rid, "object": obj_type, "created": created, "model": model,
+                              "choices": choices, "usage": usage(sum(len(r.token_ids) for r in results))})
+
+    # -- MindIE native /infer -------------------------------------------------------------------
+    @app.post("/infer")
+    async def native_infer(request: Request):
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise invalid(JSON_PARSE_ERROR)
+        service.check_running()
+        if "inputs" in body and "input_id" in body:
+            raise invalid("Input conflict.")
+        ids = items = None
+        if "inputs" in body:
+            items = body["inputs"]
+            chars = "Inputs must be necessary and data type must be string and length in (0, {limit}], but the " \
+                    "length of inputs is {got}"
+            if items is None:
+                raise invalid("Inputs must not be null")
+            if isinstance(items, str):
+                service.check_chars(items, chars)
+            elif isinstance(items, list):
+                service.check_items(items, "Inputs arr is empty", chars)
+            else:
+                raise invalid("The type of inputs is abnormal")
+        elif "input_id" in body:
+            ids = body["input_id"]
+            if ids is None:
+                raise invalid("Input_id should not be empty")
+            if not isinstance(ids, list):
+                raise invalid("Parameter input_id must be an array")
+            for token in ids:
+                if not isinstance(token, int) or isinstance(token, bool):
+                    raise invalid("Parameter input_id must be integer")
+                if not 0 <= token <= TOKEN_LIMIT:
+                    raise invalid("Data element in param input_id is invalid")
+        else:
+            raise invalid("Not found inputs.")
+        handle = await service.admit(items=items, ids=ids, parse_params=lambda: parse_infer(body),
+                                     token_message=TGI_TOKEN_MSG, client_timeout=True)
+        params = handle.params
+        service.track(service.next_request_id(request.headers.get("req-id")), handle)
+
+        def details(token_ids: list[int], reason: str | None, with_ids: bool) -> dict:
+            obj = {"finish_reason": _TGI_REASONS.get(reason, "stop_sequence"), "generated_tokens": len(token_ids)}
+            if with_ids:
+                obj["generated_token_ids"] = list(token_ids)
+            obj["seed"] = params.seed
+            return obj
+
+        if params.stream:
+            async def chunks():
+                text, token_ids, previous, first = "", [], handle.submit_time, True
                 async for event, error in stream_events(handle):
                     if error is not None:
                         yield f"data: {dumps(error)}\n\n".encode()
                         return
                     out = event.output
-                    count += len(out.token_ids)
+                    text += out.text
+                    token_ids.extend(out.token_ids)
+                    elapsed = _ms(event.time - previous)
+                    previous = event.time
+                    chunk = {"prefill_time": elapsed if first else None, "decode_time": None if first else elapsed}
+                    first = False
                     if out.finished:
-                        yield chunk({"role": "assistant", "content": out.text},
-                                    _OPENAI_REASONS.get(out.finish_reason, "stop"), {"usage": usage(count)})
-                    elif out.text:
-                        yield chunk({"role": "assistant", "content": out.text}, None)
-                yield b"data: [DONE]\n\n"
+                        chunk["generated_text"] = text
+                        chunk["details"] = details(token_ids, out.finish_reason, False) if params.details else None
+                        chunk["token"] = {"id": list(out.token_ids), "text": None}
+                    else:
+                        chunk["token"] = {"id": list(out.token_ids), "text": out.text}
+                    yield f"data: {dumps(chunk)}\n\n".encode()
             return sse(chunks())
         result = await collect(handle, request)
-        return json_response({
-            "id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text, "tool_calls": []},
-                         "logprobs": None, "finish_reason": _OPENAI_REASONS.get(result.finish_reason, "stop")}],
-            "usage": usage(len(result.token_ids))})
+        obj = {"generated_text": result.text}
+        if params.details:
+            obj["details"] = details(result.token_ids, result.finish_reason, True)
+        return json_response(obj)
+
+    # -- Triton token route and stopInfer ---------------------------------------------------------
+    @app.post("/v2/models/{model}/infer")
+    async def triton_infer(request: Request, model: str):
+        check_model(model)
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise invalid(JSON_PARSE_ERROR)
+        service.check_running()
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list):
+            raise invalid("Req should contain 'inputs' and the type should be array.")
+        if len(inputs) != 1:
+            raise invalid("Inputs count must be 1.")
+        item = inputs[0]
+        if not isinstance(item, dict):
+            raise invalid("Check triton token req parameter error")
+        name = item.get("name")
+        if not isinstance(name, str):
+            raise invalid("Cannot find name in inputs or its type is not string")
+        if len(name) > 256:
+            raise invalid("The length of name set in inputs exceeds 256.")
+        shape = item.get("shape")
+        if not isinstance(shape, list):
+            raise invalid("Cannot find shape in inputs or its type is not array")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise invalid("Shape element must be integer type.")
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[0] == 1 and 0 < shape[1] <= TOKEN_LIMIT)):
+            raise invalid(f"Shape must be at most two-dimensional, and the last element's value must be in "
+                          f"(0,{TOKEN_LIMIT}].")
+        datatype = item.get("datatype")
+        if not isinstance(datatype, str):
+            raise invalid("Cannot find datatype in inputs or its type is not string")
+        if datatype != "UINT32":
+            raise invalid(f"Unsupported datatype, got {datatype}.")
+        data = item.get("data")
+        if not isinstance(data, list):
+            raise invalid("Cannot find data in inputs or its type is not array")
+        if len(data) > TOKEN_LIMIT:
+            raise invalid(f"Data element must be no more than max token id length, which is {TOKEN_LIMIT}.")
+        if len(data) != shape[-1]:
+            raise invalid(f"Data size should be {shape[-1]}, got {len(data)}.")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in data):
+            raise invalid("Data element must be integer type.")
+        user_id = get(body, "id", "string")
+        if user_id is not None and not TRITON_ID.match(user_id):
+            raise invalid("The id can contain only digits, letters, underscores(_), hyphens(-) and no more than "
+                          "256 words in length.")
+        outputs = body.get("outputs")
+        if not isinstance(outputs, list):
+            raise invalid("Req should contain 'outputs' and the type should be array.")
+        if len(outputs) != 1:
+            raise invalid(f"Outputs size should be 1, got {len(outputs)}.")
+        if not isinstance(outputs[0], dict) or not isinstance(outputs[0].get("name"), str):
+            raise invalid("Outputs name must be non-empty string.")
+
+        def parse():
+            parameters = get(item, "parameters", "object", "parameters must be object type.") or {}
+            return parse_triton_token(parameters)
+
+        handle = await service.admit(ids=list(data), parse_params=parse, token_message=TGI_TOKEN_MSG,
+                                     client_timeout=True)
+        rid = user_id or service.next_request_id(request.headers.get("req-id"))
+        service.track(rid, handle)
+        result = await collect(handle, request)
+        return json_response({"id": rid, "outputs": [{"name": outputs[0]["name"] or "output0",
+                                                      "shape": [1, len(result.token_ids)], "datatype": "UINT32",
+                                                      "data": list(result.token_ids)}]})
+
+    @app.post("/v2/models/{model}/stopInfer")
+    async def stop_infer(request: Request, model: str):
+        check_model(model)
+        body = await read_json(request, "Failed to parse context to json body.")
+        if not isinstance(body, dict):
+            raise invalid("Failed to parse context to json body.")
+        if "id" not in body:
+            raise invalid("Not found id.")
+        if body["id"] is None:
+            raise invalid("id must not be null.")
+        stop_id = get(body, "id", "string")
+        if not TRITON_ID.match(stop_id):
+            raise invalid("The id can contain only digits, letters, underscores(_), hyphens(-) and no more than "
+                          "256 words in length.")
+        if not service.stop_request(stop_id):
+            raise ApiError(404, f"RequestId is {stop_id} not found.")
+        return json_response(body)
 
     @app.get("/v1/models")
     async def list_models():
@@ -483,6 +768,10 @@ def flatten_messages(messages: list) -> list:
     return out
 
 
+def _padded(values: list, length: int) -> list:
+    return list(values[:length]) + [None] * max(0, length - len(values))
+
+
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
@@ -498,57 +787,98 @@ class Result:
         self.finish_reason: str | None = None
         self.batch_sizes: list[int] = []
         self.queue_wait: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(self.logprobs)
 
 
-async def collect(handle: Handle, request: Request) -> Result:
-    """Run a non-streaming request to its end (aborted if the client disconnects or the deadline passes)."""
-    result = Result()
-    last = None
+def best(results: list[Result], count: int, ranked: bool) -> list[Result]:
+    """The ``count`` sequences to return: the best by cumulative logprob when ``ranked``, else in order."""
+    if ranked:
+        results = sorted(results, key=lambda r: r.cumulative_logprob, reverse=True)
+    return results[:count]
+
+
+async def collect_all(handle: Handle, request: Request) -> list[Result]:
+    """Run a non-streaming request (all of its sequences) to its end; aborted if the client disconnects or
+    the deadline passes."""
+    results = [Result() for _ in handle.requests]
+    last = [None] * len(results)
     try:
         async with contextlib.aclosing(handle.events(request)) as events:
             async for event in events:
-                out = event.output
+                out, result = event.output, results[event.index]
                 result.text += out.text
                 result.token_ids.extend(out.token_ids)
+                if out.logprobs:
+                    result.logprobs.extend(out.logprobs)
+                    result.top_logprobs.extend(out.top_logprobs or [[] for _ in out.logprobs])
                 if out.token_ids:
                     result.batch_sizes.append(event.batch_size)
                     result.queue_wait.append(_ms(event.time - handle.submit_time) if not result.queue_wait else 0)
-                last = out
+                last[event.index] = out
     except GenerationTimeout as error:
         raise ApiError(500, str(error)) from None
-    if last is None or not last.finished:
+    if any(out is None or not out.finished for out in last):
         raise ApiError(500, "Client disconnected; the request was aborted")
-    result.finish_reason = last.finish_reason
-    if last.finish_reason == "error":
-        raise ApiError(500, f"Generation failed: {last.error}")
-    if last.finish_reason == "abort":
-        if handle.service.stopping:
-            raise ApiError(503, "The service has been stopped")
-        raise ApiError(500, "The request was aborted")
-    return result
+    for result, out in zip(results, last):
+        result.finish_reason = out.finish_reason
+        if out.finish_reason == "error":
+            raise ApiError(500, f"Generation failed: {out.error}")
+        if out.finish_reason == "abort":
+            if handle.stopped:  # /stopInfer: what was generated so far, as a stop
+                result.finish_reason = "stop"
+                continue
+            if handle.service.stopping:
+                raise ApiError(503, "The service has been stopped")
+            raise ApiError(500, "The request was aborted")
+    return results
 
 
-async def stream_events(handle: Handle) -> AsyncIterator[tuple]:
-    """(event, None) per engine step, or a final (None, error body) for a timeout, failure or shutdown.
+async def collect(handle: Handle, request: Request) -> Result:
+    return (await collect_all(handle, request))[0]
+
+
+async def stream_batches(handle: Handle) -> AsyncIterator[tuple]:
+    """(events, None) per group of step outputs, or a final (None, error body) for a timeout, failure or
+    shutdown. An abort by /stopInfer ends its sequence as a normal stop.
 
     When the client disconnects, Starlette cancels the response task: the ``aclosing`` block then aborts
     the request, which frees its KV blocks and shared memory.
     """
     try:
-        async with contextlib.aclosing(handle.events()) as events:
-            async for event in events:
-                out = event.output
-                if out.finished and out.finish_reason == "error":
-                    yield None, ApiError(500, f"Generation failed: {out.error}").body()
-                    return
-                if out.finished and out.finish_reason == "abort":
-                    status, text = (503, "The service has been stopped") if handle.service.stopping else (
-                        500, "The request was aborted")
-                    yield None, ApiError(status, text).body()
-                    return
-                yield event, None
+        async with contextlib.aclosing(handle.batches()) as batches:
+            async for batch in batches:
+                for event in batch:
+                    out = event.output
+                    if out.finished and out.finish_reason == "error":
+                        yield None, ApiError(500, f"Generation failed: {out.error}").body()
+                        return
+                    if out.finished and out.finish_reason == "abort":
+                        if handle.stopped:
+                            out.finish_reason = "stop"
+                            continue
+                        status, text = (503, "The service has been stopped") if handle.service.stopping else (
+                            500, "The request was aborted")
+                        yield None, ApiError(status, text).body()
+                        return
+                yield batch, None
     except GenerationTimeout as error:
         yield None, ApiError(500, str(error)).body()
+
+
+async def stream_events(handle: Handle) -> AsyncIterator[tuple]:
+    """(event, None) per sequence step, or a final (None, error body); see ``stream_batches``."""
+    async with contextlib.aclosing(stream_batches(handle)) as batches:
+        async for batch, error in batches:
+            if error is not None:
+                yield None, error
+                return
+            for event in batch:
+                yield event, None
 
 
 __all__: list[Callable] = ["create_app"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -17,7 +19,7 @@ from atb_llm.runner.engine import GenerationEngine, QueueFullError, Request, Req
 from examples.run_pa import PARunner, eos_token_ids
 from service.errors import TOKEN_LIMIT, ApiError, invalid
 from service.media import MediaResolver, precheck_content
-from service.params import GenParams
+from service.params import INT63_MAX, GenParams
 from service.runtime import EngineLoop, Event, ResourceRegistry, Resources, Tokenizers, video_cache_key
 
 logger = logging.getLogger("service")
@@ -55,23 +57,42 @@ def utf16_len(text: str) -> int:
 
 
 class Handle:
-    """One admitted request: its engine request, output queue and deadline."""
+    """One admitted HTTP request: its engine requests (one per sequence for n / best_of > 1), their shared
+    output queue and the deadline."""
 
-    def __init__(self, service: Service, request: Request, queue: asyncio.Queue, params: GenParams,
+    def __init__(self, service: Service, requests: list[Request], queue: asyncio.Queue, params: GenParams,
                  deadline: float | None, timeout_reason: str, prompt_ids: list[int]):
         self.service = service
-        self.request = request
+        self.requests = requests
         self.queue = queue
         self.params = params
         self.deadline = deadline
         self.timeout_reason = timeout_reason
         self.prompt_ids = prompt_ids
         self.submit_time = time.perf_counter()
+        self.index = {r.request_id: i for i, r in enumerate(requests)}
+        self.done = [False] * len(requests)
         self.finished = False
+        self.stopped = False  # aborted by /v2/models/{m}/stopInfer: ends as a normal stop_sequence
+        self.name: str | None = None  # the id /stopInfer knows this request by
 
-    async def events(self, http_request=None) -> AsyncIterator[Event]:
-        """The request's step events; aborts the request if the consumer stops early (disconnect,
-        cancellation, timeout). With ``http_request``, polls for a client disconnect every 200 ms."""
+    @property
+    def request(self) -> Request:
+        return self.requests[0]
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.abort()
+
+    def abort(self) -> None:
+        for request, done in zip(self.requests, self.done):
+            if not done:
+                self.service.loop.abort(request.request_id)
+
+    async def batches(self, http_request=None) -> AsyncIterator[list[Event]]:
+        """The step events of all sequences, grouped as they arrive (one engine step's outputs usually come
+        together); aborts every unfinished sequence if the consumer stops early (disconnect, cancellation,
+        timeout). With ``http_request``, polls for a client disconnect every 200 ms."""
         try:
             while True:
                 wait = 0.2 if http_request is not None else None
@@ -81,19 +102,57 @@ class Handle:
                         raise GenerationTimeout(self.timeout_reason)
                     wait = remaining if wait is None else min(wait, remaining)
                 try:
-                    event = await asyncio.wait_for(self.queue.get(), wait) if wait else await self.queue.get()
+                    first = await asyncio.wait_for(self.queue.get(), wait) if wait else await self.queue.get()
                 except asyncio.TimeoutError:
                     if http_request is not None and await http_request.is_disconnected():
                         return
                     continue
-                if event.output.finished:
-                    self.finished = True
-                yield event
+                batch = [first]
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                for event in batch:
+                    event.index = self.index.get(event.output.request_id, 0)
+                    if event.output.finished:
+                        self.done[event.index] = True
+                self.finished = all(self.done)
+                yield batch
                 if self.finished:
                     return
         finally:
             if not self.finished:
-                self.service.loop.abort(self.request.request_id)
+                self.abort()
+            self.service.forget(self)
+
+    async def events(self, http_request=None) -> AsyncIterator[Event]:
+        async with contextlib.aclosing(self.batches(http_request)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+
+class SharedRelease:
+    """Releases a request's resources (shared memory, temp dir) once all of its sequences have ended:
+    every sequence reads the same shm segments at its prefill."""
+
+    def __init__(self, resources: Resources, count: int):
+        self.resources = resources
+        self.count = count
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        with self._lock:
+            self.count -= 1
+            last = self.count == 0
+        if last:
+            self.resources.release()
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Sequence ``index``'s seed: the request's seed for the first, a fixed function of both for the others."""
+    if index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & INT63_MAX
 
 
 def build_runner(config: ServiceConfig) -> tuple[PARunner, int]:
@@ -136,6 +195,8 @@ class Service:
         self.loop = EngineLoop(self.engine)
         self.tokenizers = Tokenizers(self.model, workers=config.tokenizer_workers)
         self.registry = ResourceRegistry()
+        self.named: dict[str, Handle] = {}  # request id -> in-flight request, for /stopInfer
+        self._special_ids = set(getattr(self.model.tokenizer, "all_special_ids", []) or [])
         self.max_request_chars = config.max_body_mb * 2**20
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -167,6 +228,16 @@ class Service:
         releaser.join(timeout)
         if releaser.is_alive():
             logger.warning("tensor-parallel followers did not acknowledge the shutdown")
+
+    def token_text(self, token_id: int, skip_special_tokens: bool = False) -> str:
+        return self.model.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """A completion prompt: BOS and the text's tokens, no chat template (special-token text stays text)."""
+        return [self.model.input_builder.bos_token_id, *self.model.input_builder.encode_text(text)]
 
     def next_request_id(self, header: str | None) -> str:
         return header if header else f"endpoint_common_{next(self._ids)}"
@@ -202,42 +273,55 @@ class Service:
             raise invalid(message.format(limit=self.max_request_chars, got=n))
 
     async def admit(self, *, items: list | str | None = None, messages: list | None = None,
-                    parse_params, token_message: str, client_timeout: bool = False) -> Handle:
+                    ids: list[int] | None = None, parse_params, token_message: str,
+                    client_timeout: bool = False) -> Handle:
         """Media, parameters, tokenization, limits and enqueue (the spec's processing order).
 
         ``parse_params()`` validates the sampling parameters (after media, as MindIE). ``token_message``
-        formats the token-count error (``{got}``). Everything the request holds is released on any error.
+        formats the token-count error (``{got}``). ``ids`` are prompt token ids given by the client (no
+        tokenization). For n / best_of > 1 the prompt is tokenized (and its video decoded) once and one engine
+        request per sequence is submitted; the resources are released when the last sequence ends. Everything
+        the request holds is released on any error.
         """
         self.check_running()
         resources = Resources(self.registry)
         owned = True
         try:
             resolver = MediaResolver(self.config.allowed_media_dirs, resources.tmpdir)
-            if messages is not None:
-                conversation = await self.tokenizers.run(self._resolve_messages, resolver, messages)
-            elif isinstance(items, str):
-                plugin_items = [{"text": items}]
+            if ids is not None:
+                params: GenParams = parse_params()
+                self._check_ids(ids)
             else:
-                plugin_items = await self.tokenizers.run(resolver.resolve, items)
-            params: GenParams = parse_params()
-            shm_path = resources.shm_path
-            if messages is not None:
-                future = self.tokenizers.pool.submit(self.tokenizers._chat, conversation, shm_path)
-            else:
-                future = self.tokenizers.pool.submit(self.tokenizers._items, plugin_items, shm_path)
-            try:
-                ids = await asyncio.shield(asyncio.wrap_future(future))
-            except asyncio.CancelledError:
-                # The worker may still write shared memory: release once it is done.
-                owned = False
-                future.add_done_callback(lambda _f: resources.release())
-                raise
-            except (ValueError, OSError, RuntimeError) as error:
-                raise invalid(token_message.format(got=0) + f" Cause: {_first_line(error)}") from None
+                if messages is not None:
+                    conversation = await self.tokenizers.run(self._resolve_messages, resolver, messages)
+                elif isinstance(items, str):
+                    plugin_items = [{"text": items}]
+                else:
+                    plugin_items = await self.tokenizers.run(resolver.resolve, items)
+                params = parse_params()
+                shm_path = resources.shm_path
+                if messages is not None:
+                    future = self.tokenizers.pool.submit(self.tokenizers._chat, conversation, shm_path)
+                else:
+                    future = self.tokenizers.pool.submit(self.tokenizers._items, plugin_items, shm_path)
+                try:
+                    ids = await asyncio.shield(asyncio.wrap_future(future))
+                except asyncio.CancelledError:
+                    # The worker may still write shared memory: release once it is done.
+                    owned = False
+                    future.add_done_callback(lambda _f: resources.release())
+                    raise
+                except (ValueError, OSError, RuntimeError) as error:
+                    raise invalid(token_message.format(got=0) + f" Cause: {_first_line(error)}") from None
             self.check_running()
-            request = self._build_request(ids, params, resources, resolver, token_message)
+            base = self._build_request(ids, params, resources, resolver, token_message)
+            requests = self._fan_out(base, params.num_seqs, SharedRelease(resources, params.num_seqs))
+            queue: asyncio.Queue = asyncio.Queue()
+            submitted = 0
             try:
-                queue = self.loop.submit(request)
+                for request in requests:
+                    self.loop.submit(request, queue)
+                    submitted += 1
             except QueueFullError as error:
                 raise ApiError(503, f"The waiting queue is full: {error}; retry later",
                                headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -247,7 +331,14 @@ class Service:
                 raise invalid(str(error)) from None
             except RuntimeError:
                 raise ApiError(503, "The service has been stopped") from None
-            owned = False  # the engine calls on_release when the request ends
+            finally:
+                if submitted < len(requests):
+                    owned = False  # the SharedRelease below frees everything once each sequence is accounted
+                    for request in requests[:submitted]:
+                        self.loop.abort(request.request_id)  # the engine releases them as they end
+                    for request in requests[submitted:]:
+                        request.on_release()
+            owned = False  # the engine calls on_release when each sequence ends
         finally:
             if owned:
                 resources.release()
@@ -258,7 +349,39 @@ class Service:
             client_deadline = time.monotonic() + params.timeout
             if deadline is None or client_deadline < deadline:
                 deadline, reason = client_deadline, "client timeout"
-        return Handle(self, request, queue, params, deadline, reason, list(request.prompt_ids))
+        return Handle(self, requests, queue, params, deadline, reason, list(base.prompt_ids))
+
+    def _check_ids(self, ids: list[int]) -> None:
+        """Client token ids: negative ids would read as shared-memory codes, large ones are out of the table."""
+        if ids and any(not 0 <= t < self.vocab_size for t in ids):
+            raise ApiError(424, "Failed to enqueue inferRequest. Invalid Input Ids")
+
+    def _fan_out(self, base: Request, count: int, release: SharedRelease) -> list[Request]:
+        requests = []
+        for i in range(count):
+            sampling = dataclasses.replace(base.sampling, seed=derive_seed(base.sampling.seed, i),
+                                           stop=list(base.sampling.stop),
+                                           stop_token_ids=list(base.sampling.stop_token_ids))
+            requests.append(Request(prompt_ids=list(base.prompt_ids), sampling=sampling, video_key=base.video_key,
+                                    request_id=self.loop.new_id(), on_release=release.done))
+        return requests
+
+    # -- /stopInfer ------------------------------------------------------------------------------
+    def track(self, name: str, handle: Handle) -> None:
+        handle.name = name
+        if not handle.finished:
+            self.named[name] = handle
+
+    def forget(self, handle: Handle) -> None:
+        if handle.name is not None and self.named.get(handle.name) is handle:
+            del self.named[handle.name]
+
+    def stop_request(self, name: str) -> bool:
+        handle = self.named.get(name)
+        if handle is None or handle.finished:
+            return False
+        handle.stop()
+        return True
 
     def _resolve_messages(self, resolver: MediaResolver, messages: list) -> list[dict]:
         conversation = []
@@ -296,8 +419,7 @@ class Service:
         if len(set(resolver.videos)) == 1:
             with contextlib.suppress(OSError):
                 key = video_cache_key(resolver.videos[0], self.template)
-        return Request(prompt_ids=list(ids), sampling=sampling, video_key=key, request_id=self.loop.new_id(),
-                       on_release=resources.release)
+        return Request(prompt_ids=list(ids), sampling=sampling, video_key=key)
 
 
 def _first_line(error: BaseException) -> str:

@@ -97,6 +97,16 @@ class GenParams:
     timeout: float | None = None  # client deadline in seconds (Triton)
     request_id: str | None = None  # Triton body id
     model: str | None = None
+    n: int | None = None
+    best_of: int | None = None
+    num_seqs: int = 1  # engine sequences generated (max of n and best_of)
+    num_return: int = 1  # sequences returned (the best ones by cumulative logprob when fewer than num_seqs)
+    logprobs: bool = False  # return per-token logprobs (OpenAI)
+    top_logprobs: int = 0  # and this many alternatives per token
+    engine_logprobs: int | None = None  # SamplingParams.logprobs: None = not computed
+
+    def need_logprobs(self, top: int = 0) -> None:
+        self.engine_logprobs = max(top, self.engine_logprobs or 0)
 
     def resolved_seed(self) -> int:
         """The seed used (a random one when none was given), so it can be echoed (TGI details.seed)."""
@@ -122,7 +132,7 @@ class GenParams:
             frequency_penalty=0.0 if self.frequency_penalty is None else float(self.frequency_penalty),
             do_sample=bool(do_sample) and temperature > 0, seed=self.resolved_seed(), stop=list(self.stop),
             stop_token_ids=stop_ids, ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output and has_stop)
+            include_stop_str_in_output=self.include_stop_str_in_output and has_stop, logprobs=self.engine_logprobs)
         params.validate()
         return params
 
@@ -238,27 +248,83 @@ def _max_tokens(body: dict, params: GenParams, key: str) -> None:
     params.max_tokens = value
 
 
-def _n_best_of(body: dict, params: GenParams) -> None:
-    best_of = get(body, "best_of", "integer")
+def _n_best_of(body: dict, params: GenParams, max_n: int) -> None:
+    """The ranges of best_of and n; how they combine is checked per protocol after all fields."""
+    best_of = get(body, "best_of", "unsigned")
     if best_of is not None and not 1 <= best_of <= 128:
-        raise invalid(f"Parameter best_of must be in [1, 128], got {fmt(best_of)}.")
-    n = get(body, "n", "integer")
-    if n is not None and not 1 <= n <= 8192:
-        raise invalid(f"Parameter n must be in [1, 8192], got {fmt(n)}.")
-    n_value, best_value = n or 1, best_of or n or 1
-    if best_value < n_value:
-        raise invalid(f"Parameter best_of must be greater than or equal to n, got best_of {best_value} and n "
-                      f"{n_value}.")
-    if best_value > 1 and not (params.temperature is not None and params.temperature > 0):
-        raise invalid("Parameter temperature must be greater than 0 when best_of or n is greater than 1.")
-    if best_value > 1:
-        raise invalid("Parameters n and best_of greater than 1 are not supported by this server: send one "
-                      "request per answer.")
+        raise invalid(f"Parameter [best_of] should be in [1, 128], got {fmt(best_of)}.")
+    n = get(body, "n", "unsigned")
+    if n is not None:
+        if not 1 <= n <= 8192:
+            raise invalid(f"Parameter [n] should be in [1, 8192], got {fmt(n)}.")
+        if n > max_n:
+            raise invalid(f"The n parameter ({n}) exceeds 'max_batch_size' ({max_n}). Please reduce n or increase "
+                          "'max_batch_size' in config.json of mindie-service.")
+    params.best_of, params.n = best_of, n
+
+
+def _none(value) -> str:
+    return "None" if value is None else str(value)
+
+
+def _sampling_off(params: GenParams) -> bool:
+    return not params.temperature  # absent or 0
+
+
+def _vllm_seq_count(params: GenParams) -> None:
+    n, best_of = params.n, params.best_of
+    if n is not None and best_of is not None and best_of < n:
+        raise invalid(f"best_of should greater than or equal to n, but best_of is {best_of}, n is {n}.")
+    count = best_of if best_of is not None else (n or 1)
+    if count > 1 and _sampling_off(params):
+        raise invalid(f"Best_of/N can not greater than 1 when temperature is 0 or not set, but best_of is "
+                      f"{_none(best_of)}, n is {_none(n)}.")
+    params.num_seqs = params.num_return = count
+    if count > 1:
+        params.need_logprobs()  # the texts are sorted by cumulative logprob
+
+
+def _chat_seq_count(params: GenParams) -> None:
+    n, best_of = params.n, params.best_of
+    if best_of is not None and n is None and params.stream:
+        raise invalid(f"best_of must be equal to n in stream mode, but best_of is {best_of}, n is None.")
+    if best_of is not None and n is not None:
+        if not params.stream and best_of < n:
+            raise invalid(f"best_of must be greater than or equal to n, but best_of is {best_of}, n is {n}.")
+        if params.stream and best_of != n:
+            raise invalid(f"best_of must be equal to n in stream mode, but best_of is {best_of}, n is {n}.")
+    count = best_of if best_of is not None else (n or 1)
+    if count > 1 and _sampling_off(params):
+        raise invalid("best_of/n can not greater than 1 without using beam search when temperature is 0 or not set, "
+                      f"but best_of is {_none(best_of)}, n is {_none(n)}.")
+    _openai_counts(params, count)
+
+
+def _completions_seq_count(params: GenParams) -> None:
+    n, best_of = params.n, params.best_of
+    if params.stream:
+        if best_of is not None and n is not None and best_of != n:
+            raise invalid(f"best_of must be equal to n, but best_of is {best_of} and n is {n}.")
+        if best_of is not None and n is None:
+            raise invalid(f"best_of must be equal to n in stream mode, but best_of is {best_of}, n is None.")
+    elif best_of is not None and n is not None and best_of < n:
+        raise invalid(f"Best_of must be greater than or equal to n, but best_of is {best_of} and n is {n}.")
+    count = max(best_of or 1, n or 1)
+    if count > 1 and _sampling_off(params):
+        raise invalid("Best_of and n shouldn't be greater than 1 when sampling is disabled, but best_of is "
+                      f"{'null' if best_of is None else best_of} and n is {'null' if n is None else n}.")
+    _openai_counts(params, count)
+
+
+def _openai_counts(params: GenParams, count: int) -> None:
+    params.num_seqs, params.num_return = count, min(count, params.n or 1)
+    if params.num_return < params.num_seqs:
+        params.need_logprobs()  # best_of: the best n by cumulative logprob
 
 
 # -- vLLM /generate -------------------------------------------------------------------------------
 
-def parse_vllm(body: dict, default_max_tokens: int) -> GenParams:
+def parse_vllm(body: dict, default_max_tokens: int, max_n: int = 8192) -> GenParams:
     params = GenParams(default_max_tokens=default_max_tokens)
     ignore_eos = _bool(body, "ignore_eos")
     params.ignore_eos = bool(ignore_eos)
@@ -279,13 +345,14 @@ def parse_vllm(body: dict, default_max_tokens: int) -> GenParams:
     _penalty(body, params, "presence_penalty")
     skip = _bool(body, "skip_special_tokens")
     params.skip_special_tokens = True if skip is None else skip
-    _n_best_of(body, params)
+    _n_best_of(body, params, max_n)
     model = get(body, "model", "string", "Model must be string type.")
     if model is not None and not 1 <= len(model) <= 256:
         raise invalid(f"Input validation error: length of `model` must be in [1, 256], but got {len(model)}")
     params.model = model  # a LoRA id in MindIE; unknown ids fall back to the base model
     _max_tokens(body, params, "max_tokens")
     params.stream = bool(get(body, "stream", "boolean", "stream must be boolean type."))
+    _vllm_seq_count(params)
     return params
 
 
@@ -315,6 +382,8 @@ def parse_tgi(body: dict, stream: bool) -> GenParams:
     params.decoder_input_details = bool(_bool(p, "decoder_input_details"))
     if params.decoder_input_details and stream:
         raise invalid("The decoder_input_details must not be true when stream is true.")
+    if params.details or params.decoder_input_details:
+        params.need_logprobs()  # details.tokens[].logprob
     params.return_full_text = bool(_bool(p, "return_full_text"))
     truncate = p.get("truncate")
     if truncate is not None:
@@ -326,14 +395,14 @@ def parse_tgi(body: dict, stream: bool) -> GenParams:
 
 # -- Triton /v2/models/{m}/generate[_stream] ------------------------------------------------------
 
-_TRITON_ID = re.compile(r"^[a-zA-Z0-9_-]{1,256}$")
+TRITON_ID = re.compile(r"^[a-zA-Z0-9_-]{1,256}$")
 
 
 def parse_triton(body: dict, stream: bool) -> GenParams:
     params = GenParams(default_max_tokens=20, stream=stream)
     request_id = body.get("id")
     if request_id is not None:
-        if not isinstance(request_id, str) or not _TRITON_ID.match(request_id):
+        if not isinstance(request_id, str) or not TRITON_ID.match(request_id):
             raise invalid("The id can contain only digits, letters, underscores(_), hyphens(-) and no more than "
                           "256 words in length.")
         params.request_id = request_id
@@ -368,7 +437,7 @@ def parse_triton(body: dict, stream: bool) -> GenParams:
 
 # -- OpenAI /v1/chat/completions ------------------------------------------------------------------
 
-def check_openai_model(body: dict, served: list[str]) -> str:
+def check_openai_model(body: dict, served: list[str], not_found: str = "Model not found") -> str:
     if body.get("model") is None:
         raise invalid("Request contains not model or model null")
     model = body["model"]
@@ -377,11 +446,38 @@ def check_openai_model(body: dict, served: list[str]) -> str:
     if not model:
         raise invalid("Request param model must be not empty")
     if model not in served:
-        raise invalid("Model not found")
+        raise invalid(not_found)
     return model
 
 
-def parse_openai(body: dict, default_max_tokens: int) -> GenParams:
+def parse_openai(body: dict, default_max_tokens: int, max_n: int = 8192) -> GenParams:
+    params = _openai_common(body, default_max_tokens, max_n)
+    logprobs = _bool(body, "logprobs")
+    top_logprobs = get(body, "top_logprobs", "unsigned")
+    if top_logprobs is not None and not 0 <= top_logprobs <= 20:
+        raise invalid(f"Parameter top logprobs must be in [0, 20], got {fmt(top_logprobs)}.")
+    if logprobs is False and top_logprobs is not None:
+        raise invalid("Value error, when using top_logprobs, logprobs must be true or null in chat completions")
+    if logprobs or top_logprobs is not None:
+        params.logprobs, params.top_logprobs = True, top_logprobs or 0
+        params.need_logprobs(params.top_logprobs)
+    _chat_seq_count(params)
+    return params
+
+
+def parse_completions(body: dict, default_max_tokens: int, max_n: int = 8192) -> GenParams:
+    params = _openai_common(body, default_max_tokens, max_n)
+    logprobs = get(body, "logprobs", "unsigned")
+    if logprobs is not None:
+        if logprobs > 5:
+            raise invalid(f"logprobs should be in range [0, 5], got {fmt(logprobs)}.")
+        params.logprobs, params.top_logprobs = True, logprobs
+        params.need_logprobs(logprobs)
+    _completions_seq_count(params)
+    return params
+
+
+def _openai_common(body: dict, default_max_tokens: int, max_n: int) -> GenParams:
     params = GenParams(default_max_tokens=default_max_tokens)
     _max_tokens(body, params, "max_tokens")
     _penalty(body, params, "presence_penalty")
@@ -403,11 +499,75 @@ def parse_openai(body: dict, default_max_tokens: int) -> GenParams:
         params.include_stop_str_in_output = bool(_bool(body, "include_stop_str_in_output"))
     skip = _bool(body, "skip_special_tokens")
     params.skip_special_tokens = True if skip is None else skip
-    _n_best_of(body, params)
-    logprobs = _bool(body, "logprobs")
-    top_logprobs = get(body, "top_logprobs", "integer")
-    if top_logprobs is not None and not 0 <= top_logprobs <= 20:
-        raise invalid(f"Parameter top_logprobs must be in [0, 20], got {fmt(top_logprobs)}")
-    if logprobs:
-        raise invalid("logprobs are not supported by this server.")
+    _n_best_of(body, params, max_n)
     return params
+
+
+# -- MindIE native POST /infer ----------------------------------------------------------------------
+
+def parse_infer(body: dict) -> GenParams:
+    """``parameters`` of /infer: the Triton names without batch_size, TGI ranges for top_k and top_p."""
+    params = GenParams(default_max_tokens=20)
+    p = get(body, "parameters", "object", "parameters must be object type.") or {}
+    _temperature(p, params, zero_ok=False)
+    top_k = p.get("top_k")
+    if top_k is not None:
+        if not _is_int(top_k) or not 0 < top_k <= INT32_MAX:
+            raise invalid(f"Parameter top_k must be in (0,{INT32_MAX}], got {fmt(top_k)}")
+        params.top_k = top_k
+    _top_p(p, params, exclusive_one=True)
+    _typical_p(p, params)
+    params.do_sample = _bool(p, "do_sample")
+    _seed(p, params)
+    _repetition_penalty(p, params)
+    _bool(p, "watermark")
+    _priority(p)
+    _max_tokens(p, params, "max_new_tokens")
+    _timeout(p, params)
+    params.details = bool(_bool(p, "details"))
+    params.stream = bool(get(body, "stream", "boolean", "stream must be boolean type."))
+    return params
+
+
+# -- Triton token /v2/models/{m}/infer --------------------------------------------------------------
+
+def parse_triton_token(p: dict) -> GenParams:
+    """``inputs[0].parameters`` of the Triton token route, in MindIE's order."""
+    params = GenParams(default_max_tokens=20)
+    _temperature(p, params, zero_ok=False)
+    top_k = p.get("top_k")
+    if top_k is not None:
+        if not _is_int(top_k) or not 0 <= top_k <= INT32_MAX:
+            raise invalid(f"Parameter top_k must be in [0,{INT32_MAX}], got {fmt(top_k)}")
+        params.top_k = top_k
+    _top_p(p, params)
+    params.do_sample = _bool(p, "do_sample")
+    _seed(p, params)
+    _repetition_penalty(p, params)
+    _bool(p, "watermark")
+    _priority(p)
+    _max_tokens(p, params, "max_new_tokens")
+    _timeout(p, params)
+    params.details = bool(_bool(p, "details"))
+    _batch_size(p)
+    return params
+
+
+def _priority(p: dict) -> None:
+    priority = p.get("priority")
+    if priority is not None and (not _is_int(priority) or not 1 <= priority <= 5):
+        raise invalid(f"Parameter priority must be in [1, 5], got {fmt(priority)}")
+
+
+def _timeout(p: dict, params: GenParams) -> None:
+    timeout = p.get("timeout")
+    if timeout is not None:
+        if not _is_int(timeout) or not 0 < timeout <= 65535:
+            raise invalid(f"Parameter timeout must be in (0, 65535], got {fmt(timeout)}")
+        params.timeout = float(timeout)
+
+
+def _batch_size(p: dict) -> None:
+    batch_size = p.get("batch_size")
+    if batch_size is not None and (not _is_int(batch_size) or not 0 < batch_size <= INT32_MAX):
+        raise invalid(f"Parameter batch_size must be in (0,{INT32_MAX}], got {fmt(batch_size)}")

@@ -32,6 +32,7 @@ class Event:
     output: StepOutput
     batch_size: int  # sequences that got a token in this engine step
     time: float  # perf_counter when the step ended
+    index: int = 0  # which of the HTTP request's sequences (n / best_of > 1) this output belongs to
 
 
 class Resources:
@@ -133,10 +134,12 @@ class EngineLoop:
     def new_id(self) -> str:
         return f"svc-{next(self._ids)}"
 
-    def submit(self, request: Request) -> asyncio.Queue:
-        """Enqueue into the engine; raises RequestError / QueueFullError / ValueError like add_request."""
+    def submit(self, request: Request, queue: asyncio.Queue | None = None) -> asyncio.Queue:
+        """Enqueue into the engine; raises RequestError / QueueFullError / ValueError like add_request.
+
+        Several requests may share one ``queue`` (the sequences of one HTTP request)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = asyncio.Queue() if queue is None else queue
         if not request.request_id:
             request.request_id = self.new_id()
         with self._cv:

@@ -230,7 +230,10 @@ def test_tgi_generate_stream_and_root(server, clip):
     details = plain["details"]
     assert details["seed"] == 7 and details["generated_tokens"] == len(details["tokens"]) == 8
     assert details["prefill"] == [] and details["finish_reason"] == "length"
-    assert details["tokens"][0] == {"id": details["tokens"][0]["id"], "logprob": None, "special": None, "text": None}
+    token = details["tokens"][0]
+    assert list(token) == ["id", "logprob", "special", "text"]
+    assert isinstance(token["logprob"], float) and token["logprob"] <= 0
+    assert token["special"] is False and isinstance(token["text"], str)
 
     raw = server.client.post("/generate_stream", json=body)
     chunks = [json.loads(c) for c in _sse(raw.content, b"data: ")]
@@ -376,9 +379,9 @@ VALIDATION = [
     ("/generate", {**V, "presence_penalty": -3},
      _err("Parameter presence_penalty not in [-2.0, 2.0], but got -3.")),
     ("/generate", {**V, "skip_special_tokens": 1}, _err("skip_special_tokens must be boolean type.")),
-    ("/generate", {**V, "best_of": 0}, _err("Parameter best_of must be in [1, 128], got 0.")),
+    ("/generate", {**V, "best_of": 0}, _err("Parameter [best_of] should be in [1, 128], got 0.")),
     ("/generate", {**V, "n": 2, "temperature": 0},
-     _err("Parameter temperature must be greater than 0 when best_of or n is greater than 1.")),
+     _err("Best_of/N can not greater than 1 when temperature is 0 or not set, but best_of is None, n is 2.")),
     ("/generate", {**V, "model": 5}, _err("Model must be string type.")),
     ("/generate", {**V, "model": ""}, _err("Input validation error: length of `model` must be in [1, 256], but got 0")),
     ("/generate", {**V, "max_tokens": 0}, _err("Parameter max_tokens must be (0,2147483647], got 0")),
@@ -450,7 +453,7 @@ VALIDATION = [
      _err("Parameter 'repetition_penalty' must be in (0.0, 2.0], got 2.5.")),
     ("/v1/chat/completions", {**OA, "top_k": 0}, _err("Parameter top_k must be in -1 || (0,2147483647], got 0")),
     ("/v1/chat/completions", {**OA, "max_tokens": -5}, _err("Parameter max_tokens must be (0,2147483647], got -5")),
-    ("/v1/chat/completions", {**OA, "top_logprobs": 21}, _err("Parameter top_logprobs must be in [0, 20], got 21")),
+    ("/v1/chat/completions", {**OA, "top_logprobs": 21}, _err("Parameter top logprobs must be in [0, 20], got 21.")),
     ("/v1/chat/completions", "{", _err("Failed to parse request context to json")),
     ("/v1/chat/completions", '{"model": NaN}', _err("Failed to parse request context to json")),
     # Content items (C++ pre-check and tokenizer rules).
