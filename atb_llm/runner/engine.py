@@ -201,15 +201,16 @@ class GenerationEngine:
     def _vision_features(self, request: Request) -> torch.Tensor | None:
         if request.vision_embeds is not None:
             return request.vision_embeds
-        if request.pixel_values is None and min(request.prompt_ids) < 0:
-            # Service path: the frames wait in shared memory, named by codes in the vision slots.
-            request.pixel_values = self.runner.model.pixels_from_ids(torch.tensor(request.prompt_ids))
-        if request.pixel_values is None:
+        from_shm = request.pixel_values is None and min(request.prompt_ids) < 0
+        if request.pixel_values is None and not from_shm:
             return None
         key = request.video_key
-        if key is not None and key in self._vision_cache:
+        if key is not None and key in self._vision_cache:  # before reading the frames: they are not needed
             self._vision_cache.move_to_end(key)
             return self._vision_cache[key]
+        if from_shm:
+            # Service path: the frames wait in shared memory, named by codes in the vision slots.
+            request.pixel_values = self.runner.model.pixels_from_ids(torch.tensor(request.prompt_ids))
         features = self.runner.model.encode_video(request.pixel_values)
         if key is not None and self.vision_cache_size > 0:
             self._vision_cache[key] = features
