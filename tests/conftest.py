@@ -1,10 +1,26 @@
 """Shared fixtures: tiny random checkpoints in the real HF layout and real video files."""
 import os
+import tempfile
 
 import pytest
 
 from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
 from examples.models.cogvlm2_llama3_video.synthetic_video import write_synthetic_video
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory):
+    """Temp files of the tests and of the processes they start (torchrun keeps a log folder per run) go
+    under pytest's own temporary tree, which it prunes, instead of piling up in /tmp."""
+    path = str(tmp_path_factory.mktemp("tmp"))
+    saved_env, saved_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = path, path
+    yield path
+    tempfile.tempdir = saved_dir
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
 
 
 @pytest.fixture(scope="session")
