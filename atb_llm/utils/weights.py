@@ -74,11 +74,6 @@ class Weights:
         tensor = handle.get_tensor(name)
         return tensor if ignore_tensor_correction else self._correct_dtype(tensor)
 
-    def get_whole_tensor(self, name: str, dim: int) -> torch.Tensor:
-        if dim not in (0, 1):
-            raise ValueError(f"get_whole_tensor supports dim 0 or 1, got {dim}")
-        return self.get_tensor(name)
-
     def get_partial_sharded(self, name: str, dim: int, gqa_size: int = 1) -> torch.Tensor:
         """This rank's contiguous block along ``dim``; whole gqa groups are replicated when there
         are fewer groups than ranks."""
@@ -110,34 +105,6 @@ class Weights:
 
     def get_replicated_weights(self, prefix: str, quantize=None):
         return self.get_tensor(f"{prefix}.weight")
-
-    def get_tensor_col_packed_qkv(self, name: str, hidden_size: int, num_heads: int,
-                                  num_kv_heads: int | None = None, dim: int = 0) -> torch.Tensor:
-        """A packed ``q | k | v`` tensor split per head group: this rank's query heads, then its
-        key/value heads (replicated when there are fewer KV heads than ranks)."""
-        num_kv_heads = num_kv_heads or num_heads
-        head_dim = hidden_size // num_heads
-        rank, world = self.process_group.rank(), self.process_group.size()
-        whole = self.get_tensor(name)
-        expected = (num_heads + 2 * num_kv_heads) * head_dim
-        if whole.shape[dim] != expected:
-            raise ValueError(f"{name}: dimension {dim} is {whole.shape[dim]}, expected {expected} "
-                             f"({num_heads} query + 2x{num_kv_heads} kv heads of {head_dim})")
-        q, k, v = whole.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=dim)
-        if num_heads % world:
-            raise ValueError(f"{num_heads} query heads do not split over {world} ranks")
-        q = q.chunk(world, dim=dim)[rank]
-        if num_kv_heads >= world:
-            if num_kv_heads % world:
-                raise ValueError(f"{num_kv_heads} kv heads do not split over {world} ranks")
-            k, v = k.chunk(world, dim=dim)[rank], v.chunk(world, dim=dim)[rank]
-        else:
-            if world % num_kv_heads:
-                raise ValueError(f"{num_kv_heads} kv heads cannot be replicated over {world} ranks")
-            group = rank // (world // num_kv_heads)
-            k = k.narrow(dim, group * head_dim, head_dim)
-            v = v.narrow(dim, group * head_dim, head_dim)
-        return torch.cat([q, k, v], dim=dim).contiguous()
 
     def release_file_handler(self) -> None:
         self._handles.clear()
