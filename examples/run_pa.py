@@ -17,8 +17,12 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--is_chat_model", action="store_true")
     args = parser.parse_args()
-    runner = PARunner(**vars(args))
-    requests = runner.infer(args.input_texts, sampling_from_args(args), is_chat_model=args.is_chat_model)
+    try:  # a bad flag or checkpoint is a one-line error, not a traceback
+        sampling = sampling_from_args(args)
+        runner = PARunner(**vars(args))
+    except (ValueError, OSError, NotImplementedError) as error:
+        parser.error(str(error))
+    requests = runner.infer(args.input_texts, sampling, is_chat_model=args.is_chat_model)
     for i, request in enumerate(requests):
         print_log(runner.rank, logger.info, f"Question[{i}]: {args.input_texts[i]}")
         print_log(runner.rank, logger.info, f"Answer[{i}]: {request.error or request.text}")

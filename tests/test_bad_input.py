@@ -142,3 +142,17 @@ def test_cli_runner_writes_results(chat_model_dir, video_6_frames, bad_videos, t
     assert good["finish_reason"] == "length" and len(good["output_token_ids"]) == 5 and good["prompt_tokens"] > 400
     assert bad["finish_reason"] == "error" and "nope.mp4" in bad["error"]
     assert "Answer[0]" in done.stderr and "Error[1]" in done.stderr and "tokens/s" in done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max_batch_size", "0"], "max_batch_size must be a positive integer"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top_p", "2"], "top_p must be in (0, 1]"),
+    (["--model_path", "/nonexistent/model"], "does not exist"),
+])
+def test_cli_flag_errors_are_one_line(chat_model_dir, args, message):
+    command = [sys.executable, "-m", "examples.models.cogvlm2_llama3_video.run_pa", "--model_path", chat_model_dir,
+               *args]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr

@@ -169,8 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_log(0, logger.info, f"no --model_path: using the embedded demo checkpoint {args.model_path}")
         if videos is None:
             videos = [demo_video]
-    runner = Cogvlm2VideoRunner(**vars(args))
-    sampling = sampling_from_args(args)
+    try:  # a bad flag or checkpoint is a one-line error, not a traceback
+        sampling = sampling_from_args(args)
+        runner = Cogvlm2VideoRunner(**vars(args))
+    except (ValueError, OSError, NotImplementedError) as error:
+        parser.error(str(error))
     if args.input_file:
         conversations = read_conversations(args.input_file)
         items = [describe(conversation) for conversation in conversations]
