@@ -155,10 +155,13 @@ def main(argv=None) -> int:
         if args.tp != world_size:
             raise SystemExit(f"--tp {args.tp} differs from torchrun's WORLD_SIZE {world_size}")
     config = config_from_args(args)
-    if int(os.environ.get("RANK", "0")) != 0:
-        follow(config)
-        return 0
-    service = Service(config)
+    try:  # a bad flag or checkpoint is a one-line error, not a traceback
+        if int(os.environ.get("RANK", "0")) != 0:
+            follow(config)
+            return 0
+        service = Service(config)
+    except (ValueError, OSError, NotImplementedError) as error:
+        build_parser().error(str(error))
     app = BodyLimit(create_app(service), service.config.max_body_mb)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=5, access_log=False)

@@ -98,3 +98,14 @@ def test_tp2_worker_death_stops_everything(chat_model_dir, tp_media):
         assert pair.proc.poll() is not None and pair.proc.returncode != 0
     finally:
         pair.stop()
+
+
+def test_bad_model_path_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_service import REPO
+
+    done = subprocess.run([sys.executable, "-m", "service", "--model_path", str(tmp_path / "missing"), "--port", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
