@@ -1,2 +1,2 @@
 """Shared multimodal runner: text + video requests through the continuous-batching engine."""
-from atb_llm.runner.offline_runner import MultimodalInput, MultimodalPARunner, video_key  # noqa: F401 - re-exported
+from atb_llm.runner.offline_runner import MultimodalInput, MultimodalPARunner  # noqa: F401 - re-exported

@@ -15,12 +15,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from atb_llm.runner.engine import GenerationEngine, QueueFullError, Request, RequestError
+from atb_llm.runner.engine import GenerationEngine, QueueFullError, Request, RequestError, video_cache_key
 from examples.run_pa import PARunner, eos_token_ids
 from service.errors import TOKEN_LIMIT, ApiError, invalid
 from service.media import MediaResolver, precheck_content
 from service.params import INT63_MAX, GenParams
-from service.runtime import EngineLoop, Event, ResourceRegistry, Resources, Tokenizers, video_cache_key
+from service.runtime import EngineLoop, Event, ResourceRegistry, Resources, Tokenizers
 
 logger = logging.getLogger("service")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import itertools
 import logging
 import os
@@ -216,18 +215,6 @@ class EngineLoop:
         self._thread.join(timeout)
 
 
-def video_cache_key(path: str, template: str) -> str:
-    """Content identity of a video for the engine's vision-feature cache."""
-    stat = os.stat(path)
-    if os.path.basename(path).startswith("inline_"):
-        digest = hashlib.sha256()
-        with open(path, "rb") as file:
-            for chunk in iter(lambda: file.read(1 << 20), b""):
-                digest.update(chunk)
-        return f"sha256:{digest.hexdigest()}:{template}"
-    return f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}:{template}"
-
-
 class Tokenizers:
     """Worker threads for the plugin's service path (video decoding + shared memory)."""
 
@@ -254,5 +241,4 @@ class Tokenizers:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["EngineLoop", "Event", "QueueFullError", "RequestError", "ResourceRegistry", "Resources", "Tokenizers",
-           "video_cache_key"]
+__all__ = ["EngineLoop", "Event", "QueueFullError", "RequestError", "ResourceRegistry", "Resources", "Tokenizers"]

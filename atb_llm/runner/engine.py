@@ -6,7 +6,9 @@ blocks) or decodes one token for every running request. A request reserves the K
 and its whole output budget at admission, so a running request never waits for memory.
 """
 import collections
+import hashlib
 import itertools
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +21,19 @@ from atb_llm.runner.cache import CacheManager
 from atb_llm.runner.detokenizer import IncrementalDetokenizer
 from atb_llm.runner.sampler import Sampler, SamplingParams, SequenceTokens, make_generator
 from atb_llm.utils.log import logger
+
+
+def video_cache_key(path: str, template: str) -> str:
+    """Identity of a decoded video for the vision-feature cache: the file's identity (path, size, mtime),
+    or its content hash for inline videos written per request (``inline_*``), plus the frame rule."""
+    if os.path.basename(path).startswith("inline_"):
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+        return f"sha256:{digest.hexdigest()}:{template}"
+    stat = os.stat(path)
+    return f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}:{template}"
 
 
 class RequestError(ValueError):

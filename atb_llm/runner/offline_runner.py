@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from atb_llm.runner.cache import CacheManager
-from atb_llm.runner.engine import GenerationEngine, Request
+from atb_llm.runner.engine import GenerationEngine, Request, video_cache_key
 from atb_llm.runner.model_runner import ModelRunner
 from atb_llm.runner.sampler import SamplingParams
 from atb_llm.utils.log import logger, print_log
@@ -185,19 +185,13 @@ class MultimodalInput:
     video: str | None = None
 
 
-def video_key(path: str, template: str) -> str:
-    """Identity of a decoded video for the vision-feature cache: the file's identity and the frame rule."""
-    stat = os.stat(path)
-    return f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}:{template}"
-
-
 class MultimodalPARunner(PARunner):
     def prepare_conversation(self, conversation: list[dict], sampling: SamplingParams) -> Request:
         """Decode the video and lay out the prompt; a bad input becomes a request that has already failed."""
         try:
             builder = self.model.input_builder
             ids, pixels, video = builder.prepare(conversation)
-            key = video_key(video, builder.template) if video else None
+            key = video_cache_key(video, builder.template) if video else None
             return Request(prompt_ids=ids, sampling=sampling, pixel_values=pixels, video_key=key)
         except (ValueError, OSError) as error:
             return Request(prompt_ids=[], sampling=sampling, finish_reason="error", error=str(error))
