@@ -295,3 +295,27 @@ def test_prepare_prefill_token_for_the_multimodal_runner(runner, video_6_frames)
     from_ids = model.forward(input_ids=torch.tensor(direct.prompt_ids), pixel_values=[direct.pixel_values], **common)
     cache.block_manager.free(blocks)
     assert (from_embeds - from_ids).abs().max().item() < 1e-5
+
+
+def test_second_question_on_a_video_skips_the_vision_tower(runner, video_6_frames, video_3_frames):
+    model = runner.model.model
+    calls = []
+    original = model.encode_video
+
+    def counting(pixels):
+        calls.append(pixels.shape[0])
+        return original(pixels)
+
+    model.encode_video = counting
+    try:
+        engine = runner.make_engine()
+        first = [ask(runner, "First question?", video_6_frames), ask(runner, "Other video?", video_3_frames)]
+        engine.generate(first)
+        second = ask(runner, "A second question about the first video?", video_6_frames)
+        engine.generate([second])
+    finally:
+        model.encode_video = original
+    assert calls == [6, 3]  # the third request reused the first video's features
+    fresh = ask(runner, "A second question about the first video?", video_6_frames)
+    runner.run([fresh])  # a new engine, an empty cache: same answer
+    assert second.output_ids == fresh.output_ids and second.error is None
