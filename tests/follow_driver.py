@@ -14,13 +14,15 @@ from examples.multimodal_runner import MultimodalInput, MultimodalPARunner
 def main(model_dir: str, video: str, out_path: str) -> int:
     torch.set_num_threads(1)
     runner = MultimodalPARunner(model_path=model_dir, dtype="float32", device="cpu", max_input_length=2048,
-                                max_output_length=8, max_batch_size=2, block_size=16)
+                                max_output_length=8, max_batch_size=3, block_size=16)
     if runner.rank != 0:
         runner.model.follow(runner.make_cache_manager().kv_cache)
         return 0
     runner.model.leads_followers = runner.world_size > 1
     sampling = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
-    items = [MultimodalInput("What is in the video?", video), MultimodalInput("Text only question")]
+    # The third repeats the first: it is prefilled once and its KV blocks are copied (on every rank).
+    items = [MultimodalInput("What is in the video?", video), MultimodalInput("Text only question"),
+             MultimodalInput("What is in the video?", video)]
     try:
         requests = runner.infer_multimodal(items, sampling)
     finally:

@@ -228,3 +228,36 @@ def test_logprobs_are_the_models_distribution(runner):
         top_ids = [t for t, _ in output.top_logprobs[0]]
         assert top_ids == torch.topk(expected, 3).indices.tolist() and top_ids[0] == token  # greedy: the top one
     assert all(o.logprobs is None for o in outputs if o.request_id == plain.request_id)
+
+
+def test_identical_prompts_are_prefilled_once(runner, video_3_frames):
+    """The n sequences of one request share one prefill; each still samples with its own seed."""
+    def request(seed):
+        return runner.prepare_conversation(
+            [{"role": "user", "content": [{"video": video_3_frames}, {"text": "Describe it."}]}],
+            SamplingParams(max_new_tokens=10, temperature=1.0, top_k=20, seed=seed, ignore_eos=True))
+
+    alone = []
+    for seed in (1, 2, 3):
+        single = request(seed)
+        runner.run([single])
+        alone.append(single.output_ids)
+    prefill_tokens = []
+    original = runner.model.forward
+
+    def spy(**kwargs):
+        if kwargs["is_prefill"]:
+            prefill_tokens.append(int(kwargs["input_ids"].numel()))
+        return original(**kwargs)
+
+    together = [request(seed) for seed in (1, 2, 3)]
+    runner.model.forward = spy
+    try:
+        engine = runner.make_engine()
+        engine.generate(together)
+    finally:
+        runner.model.forward = original
+    assert prefill_tokens == [len(together[0].prompt_ids)]  # one prefill of one copy
+    assert [r.output_ids for r in together] == alone
+    assert len({tuple(ids) for ids in alone}) > 1  # the seeds did make them differ
+    assert engine.blocks.all_free

@@ -30,6 +30,7 @@ def test_followers_reproduce_single_process(chat_model_dir, video_3_frames, tmp_
     single = _run(1, chat_model_dir, video_3_frames, str(tmp_path / "one.json"))
     pair = _run(2, chat_model_dir, video_3_frames, str(tmp_path / "two.json"))
     assert pair["world_size"] == 2 and single["world_size"] == 1
-    assert single["errors"] == [None, None] and pair["errors"] == [None, None]
+    assert single["errors"] == [None] * 3 and pair["errors"] == [None] * 3
     assert pair["tokens"] == single["tokens"] and all(len(t) == 8 for t in single["tokens"])
+    assert pair["tokens"][2] == pair["tokens"][0]  # the copied prompt KV decodes like the original
     assert pair["all_free"] and single["all_free"]

@@ -50,6 +50,13 @@ class BlockManager:
             self._free.append(block)
 
 
+def copy_kv_blocks(kv_cache: list, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy whole KV blocks ``src[i] -> dst[i]`` in every layer."""
+    for k_cache, v_cache in kv_cache:
+        k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
+        v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+
+
 class CacheManager:
     """KV tensors in the framework's ND layout: ``[num_blocks, block_size, kv_heads_per_rank, head_dim]``."""
 

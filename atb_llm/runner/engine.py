@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from atb_llm.runner.cache import CacheManager
+from atb_llm.runner.cache import CacheManager, copy_kv_blocks
 from atb_llm.runner.detokenizer import IncrementalDetokenizer
 from atb_llm.runner.sampler import Sampler, SamplingParams, SequenceTokens, make_generator
 from atb_llm.utils.log import logger
@@ -233,35 +233,51 @@ class GenerationEngine:
                 self._vision_cache.popitem(last=False)
         return features
 
+    @staticmethod
+    def _prompt_identity(request: Request) -> tuple:
+        """Requests with the same identity have the same prompt KV (e.g. the n sequences of one request)."""
+        video = request.video_key
+        if video is None:
+            tensor = request.vision_embeds if request.vision_embeds is not None else request.pixel_values
+            video = None if tensor is None else id(tensor)
+        return tuple(request.prompt_ids), video
+
     def _prefill(self, batch: list[Request]) -> list[StepOutput]:
+        # Identical prompts (same ids, same video) are computed once; the others copy its KV blocks and
+        # sample their first token from its logits.
+        leaders: dict[tuple, Request] = {}
+        siblings: list[tuple[Request, Request]] = []
+        for request in batch:
+            leader = leaders.setdefault(self._prompt_identity(request), request)
+            if leader is not request:
+                siblings.append((request, leader))
         outputs, ready, features = [], [], []
-        for request in batch:  # vision per request, so one bad video fails only its request
+        for request in leaders.values():  # vision per request, so one bad video fails only its request
             try:
                 features.append(self._vision_features(request))
                 ready.append(request)
             except Exception as error:
                 outputs.append(self._finish_request(request, "error", error=f"video: {error}"))
+        failed = {id(r) for r in leaders.values()} - {id(r) for r in ready}
+        for request, leader in siblings:
+            if id(leader) in failed:
+                outputs.append(self._finish_request(request, "error", error=f"video: {leader.error}"))
+        siblings = [(r, leader) for r, leader in siblings if id(leader) not in failed]
         if not ready:
             return outputs
         bs = self.blocks.block_size
         ids, positions, slots, lengths = [], [], [], []
-        states = []
+        row_of: dict[int, int] = {}
         for request in ready:
             prompt = request.prompt_ids
-            pos = request.position_ids
-            if pos is None:
-                pos = np.asarray(self.runner.generate_position_ids(np.asarray(prompt)), dtype=np.int64)
+            if request.position_ids is None:
+                request.position_ids = np.asarray(self.runner.generate_position_ids(np.asarray(prompt)),
+                                                  dtype=np.int64)
+            row_of[id(request)] = len(lengths)
             ids.extend(prompt)
-            positions.extend(int(p) for p in pos)
+            positions.extend(int(p) for p in request.position_ids)
             slots.extend(request.blocks[i // bs] * bs + i % bs for i in range(len(prompt)))
             lengths.append(len(prompt))
-            state = _Running(request, IncrementalDetokenizer(
-                self.runner.tokenizer, list(prompt), skip_special_tokens=request.sampling.skip_special_tokens,
-                stop=request.sampling.stop, include_stop_str_in_output=request.sampling.include_stop_str_in_output),
-                make_generator(request.sampling.seed))
-            state.kv_len = len(prompt)
-            state.next_position = int(pos[-1]) + 1 if len(pos) else 0
-            states.append(state)
         device = self.device
         try:
             logits = self.runner.forward(
@@ -274,12 +290,39 @@ class GenerationEngine:
                 vision_embeds=features)
         except Exception as error:
             logger.error(f"prefill failed: {error}")
-            return outputs + [self._finish_request(r, "error", error=str(error)) for r in ready]
-        now = time.perf_counter()
-        for state in states:
-            state.request.first_token_time = now
+            everyone = ready + [r for r, _ in siblings]
+            return outputs + [self._finish_request(r, "error", error=str(error)) for r in everyone]
+        for request, leader in siblings:
+            self._copy_prompt_kv(leader, request)
+            request.position_ids = leader.position_ids
+            row_of[id(request)] = row_of[id(leader)]
+        started = ready + [r for r, _ in siblings]
+        states = [self._start(request) for request in started]
         self._running.extend(states)
-        return outputs + self._sample_and_update(states, logits)
+        rows = torch.tensor([row_of[id(r)] for r in started], device=logits.device)
+        return outputs + self._sample_and_update(states, logits.index_select(0, rows))
+
+    def _copy_prompt_kv(self, source: Request, target: Request) -> None:
+        """The prompt's cached K/V from ``source``'s blocks into ``target``'s (whole blocks: slots past the
+        prompt are overwritten as ``target`` decodes)."""
+        count = self.blocks.blocks_for(len(source.prompt_ids))
+        src = torch.tensor(source.blocks[:count], device=self.device)
+        dst = torch.tensor(target.blocks[:count], device=self.device)
+        # Through the runner when it has followers (their caches need the same copy); MindIE's has none.
+        copy = getattr(self.runner, "copy_kv_blocks", None) or copy_kv_blocks
+        copy(self.cache.kv_cache, src, dst)
+
+    def _start(self, request: Request) -> _Running:
+        """Decoding state of a request whose prompt is now in the KV cache."""
+        sampling = request.sampling
+        state = _Running(request, IncrementalDetokenizer(
+            self.runner.tokenizer, list(request.prompt_ids), skip_special_tokens=sampling.skip_special_tokens,
+            stop=sampling.stop, include_stop_str_in_output=sampling.include_stop_str_in_output),
+            make_generator(sampling.seed))
+        state.kv_len = len(request.prompt_ids)
+        state.next_position = int(request.position_ids[-1]) + 1
+        request.first_token_time = time.perf_counter()
+        return state
 
     def _decode(self) -> list[StepOutput]:
         states = list(self._running)

@@ -3,6 +3,7 @@
 import torch
 
 from atb_llm.models import get_model
+from atb_llm.runner.cache import copy_kv_blocks
 from atb_llm.utils.dist import initialize_distributed
 from atb_llm.utils.log import logger
 from atb_llm.utils.weights import Weights
@@ -104,6 +105,11 @@ class ModelRunner:
         except torch.OutOfMemoryError as error:
             raise RuntimeError(f"out of device memory during forward: {error}") from error
 
+    def copy_kv_blocks(self, kv_cache, src: torch.Tensor, dst: torch.Tensor) -> None:
+        if self.leads_followers:
+            self._broadcast_step({"copy_kv_blocks": (src, dst)})
+        copy_kv_blocks(kv_cache, src, dst)
+
     def _broadcast_step(self, step: dict | None) -> None:
         payload = [None if step is None else _to_cpu(step)]
         torch.distributed.broadcast_object_list(payload, src=0, group=self.process_group)
@@ -117,7 +123,11 @@ class ModelRunner:
             if step is None:
                 return
             try:
-                self.model.forward(kv_cache=kv_cache, **_to_device(step, self.device))
+                step = _to_device(step, self.device)
+                if "copy_kv_blocks" in step:
+                    copy_kv_blocks(kv_cache, *step["copy_kv_blocks"])
+                    continue
+                self.model.forward(kv_cache=kv_cache, **step)
             except Exception as error:  # rank 0 sees the same failure and reports it
                 logger.warning(f"rank {self.rank}: step failed: {error}")
 
