@@ -640,11 +640,22 @@ def test_zz_everything_released(server):
 
 # -- a small server: full queue, timeouts, SIGTERM ----------------------------------------------------
 
-def test_queue_full_timeouts_and_sigterm(chat_model_dir, media_dir, clip):
-    srv = Server(chat_model_dir, media_dir, "--max-batch-size", "1", "--max-queue", "1", "--max-seq-len", "2048",
-                 "--max-iter-times", "2040")
+@pytest.fixture(scope="module")
+def long_context_model_dir(tmp_path_factory) -> str:
+    """A demo checkpoint with a long context, so one request can keep the only batch slot busy for many
+    seconds however fast this machine decodes."""
+    from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
+
+    return make_demo_checkpoint(str(tmp_path_factory.mktemp("long_model")), seed=1, shards=1,
+                                overrides={"max_position_embeddings": 32768})
+
+
+def test_queue_full_timeouts_and_sigterm(long_context_model_dir, media_dir, clip):
+    srv = Server(long_context_model_dir, media_dir, "--max-batch-size", "1", "--max-queue", "1", "--max-seq-len",
+                 "32768", "--max-iter-times", "32000")
     try:
-        long_body = {"prompt": "Count forever.", "max_tokens": 2000, "ignore_eos": True, "stream": True,
+        # ~30k tokens: tens of seconds on any CPU; the test ends it early by closing the stream.
+        long_body = {"prompt": "Count forever.", "max_tokens": 30000, "ignore_eos": True, "stream": True,
                      "temperature": 0}
         with httpx.stream("POST", srv.base + "/generate", json=long_body, timeout=60) as running:
             chunks = running.iter_raw()  # keep a reference: a discarded iterator closes the connection

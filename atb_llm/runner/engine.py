@@ -283,7 +283,7 @@ class GenerationEngine:
             logits = self.runner.forward(
                 input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
                 position_ids=torch.tensor(positions, dtype=torch.int64, device=device),
-                is_prefill=True, kv_cache=self.cache.kv_cache, block_tables=self._block_tables(ready),
+                is_prefill=True, kv_cache=self.cache.kv_cache, block_tables=self._block_tables(ready, lengths),
                 slots=torch.tensor(slots, dtype=torch.int64, device=device),
                 input_lengths=torch.tensor(lengths, dtype=torch.int64, device=device),
                 max_seq_len=max(lengths), lm_head_indices=torch.tensor(np.cumsum(lengths) - 1, device=device),
@@ -334,7 +334,7 @@ class GenerationEngine:
                 input_ids=torch.tensor([s.tokens.output_ids[-1] for s in states], dtype=torch.int64, device=device),
                 position_ids=torch.tensor([s.next_position for s in states], dtype=torch.int64, device=device),
                 is_prefill=False, kv_cache=self.cache.kv_cache,
-                block_tables=self._block_tables([s.request for s in states]),
+                block_tables=self._block_tables([s.request for s in states], [s.kv_len + 1 for s in states]),
                 slots=torch.tensor(slots, dtype=torch.int64, device=device),
                 input_lengths=torch.tensor([s.kv_len + 1 for s in states], dtype=torch.int64, device=device),
                 max_seq_len=max(s.kv_len + 1 for s in states))
@@ -347,9 +347,12 @@ class GenerationEngine:
             state.next_position += 1
         return self._sample_and_update(states, logits)
 
-    def _block_tables(self, requests: list[Request]) -> torch.Tensor:
-        width = max(len(r.blocks) for r in requests)
-        table = [r.blocks + [0] * (width - len(r.blocks)) for r in requests]
+    def _block_tables(self, requests: list[Request], lengths: list[int]) -> torch.Tensor:
+        """Each request's blocks that hold its first ``length`` tokens, padded with 0 (the reservation for
+        tokens not generated yet stays out, so attention never reads it)."""
+        used = [r.blocks[:self.blocks.blocks_for(n)] for r, n in zip(requests, lengths)]
+        width = max(len(blocks) for blocks in used)
+        table = [blocks + [0] * (width - len(blocks)) for blocks in used]
         return torch.tensor(table, dtype=torch.int64, device=self.device)
 
     def _sample_and_update(self, states: list[_Running], logits: torch.Tensor) -> list[StepOutput]:
