@@ -324,6 +324,24 @@ def _openai_counts(params: GenParams, count: int) -> None:
 
 # -- vLLM /generate -------------------------------------------------------------------------------
 
+
+_TOP_K_RULES = {  # protocol rule -> (accepted, message range)
+    "off_or_positive": (lambda k: k == -1 or 0 < k <= INT32_MAX, f"-1 || (0,{INT32_MAX}]"),  # vLLM, OpenAI
+    "positive": (lambda k: 0 < k <= INT32_MAX, f"(0,{INT32_MAX}]"),  # TGI, /infer
+    "non_negative": (lambda k: 0 <= k <= INT32_MAX, f"[0,{INT32_MAX}]"),  # Triton
+}
+
+
+def _top_k(source: dict, params: GenParams, rule: str) -> None:
+    """``top_k`` by the protocol's range; -1 (vLLM, OpenAI) and 0 mean off."""
+    top_k = source.get("top_k")
+    if top_k is None:
+        return
+    accepted, message_range = _TOP_K_RULES[rule]
+    if not _is_int(top_k) or not accepted(top_k):
+        raise invalid(f"Parameter top_k must be in {message_range}, got {fmt(top_k)}")
+    params.top_k = 0 if top_k == -1 else top_k
+
 def parse_vllm(body: dict, default_max_tokens: int, max_n: int = 8192) -> GenParams:
     params = GenParams(default_max_tokens=default_max_tokens)
     ignore_eos = _bool(body, "ignore_eos")
@@ -333,11 +351,7 @@ def parse_vllm(body: dict, default_max_tokens: int, max_n: int = 8192) -> GenPar
     if params.stop or body.get("stop_token_ids") is not None:
         params.include_stop_str_in_output = bool(_bool(body, "include_stop_str_in_output"))
     _temperature(body, params, zero_ok=True)
-    top_k = body.get("top_k")
-    if top_k is not None:
-        if not _is_int(top_k) or not (top_k == -1 or 0 < top_k <= INT32_MAX):
-            raise invalid(f"Parameter top_k must be in -1 || (0,{INT32_MAX}], got {fmt(top_k)}")
-        params.top_k = 0 if top_k == -1 else top_k
+    _top_k(body, params, "off_or_positive")
     _top_p(body, params)
     _seed(body, params)
     _repetition_penalty(body, params)
@@ -363,11 +377,7 @@ def parse_tgi(body: dict, stream: bool) -> GenParams:
     p = get(body, "parameters", "object", "parameters must be object type.") or {}
     _check_stop(p, params, tgi=True)
     _temperature(p, params, zero_ok=False)
-    top_k = p.get("top_k")
-    if top_k is not None:
-        if not _is_int(top_k) or not 0 < top_k <= INT32_MAX:
-            raise invalid(f"Parameter top_k must be in (0,{INT32_MAX}], got {fmt(top_k)}")
-        params.top_k = top_k
+    _top_k(p, params, "positive")
     _top_p(p, params, exclusive_one=True)
     _typical_p(p, params)
     params.do_sample = _bool(p, "do_sample")
@@ -408,11 +418,7 @@ def parse_triton(body: dict, stream: bool) -> GenParams:
         params.request_id = request_id
     p = get(body, "parameters", "object", "parameters must be object type.") or {}
     _temperature(p, params, zero_ok=False)
-    top_k = p.get("top_k")
-    if top_k is not None:
-        if not _is_int(top_k) or not 0 <= top_k <= INT32_MAX:
-            raise invalid(f"Parameter top_k must be in [0,{INT32_MAX}], got {fmt(top_k)}")
-        params.top_k = top_k
+    _top_k(p, params, "non_negative")
     _top_p(p, params)
     _typical_p(p, params)
     params.do_sample = _bool(p, "do_sample")
@@ -485,11 +491,7 @@ def _openai_common(body: dict, default_max_tokens: int, max_n: int) -> GenParams
     _top_p(body, params)
     params.stream = bool(get(body, "stream", "boolean", "stream must be boolean type."))
     _temperature(body, params, zero_ok=True)
-    top_k = body.get("top_k")
-    if top_k is not None:
-        if not _is_int(top_k) or not (top_k == -1 or 0 < top_k <= INT32_MAX):
-            raise invalid(f"Parameter top_k must be in -1 || (0,{INT32_MAX}], got {fmt(top_k)}")
-        params.top_k = 0 if top_k == -1 else top_k
+    _top_k(body, params, "off_or_positive")
     _repetition_penalty(body, params, upper=2.0, upper_text="2.0")
     _check_stop(body, params, tgi=False)
     _seed(body, params)
@@ -510,11 +512,7 @@ def parse_infer(body: dict) -> GenParams:
     params = GenParams(default_max_tokens=20)
     p = get(body, "parameters", "object", "parameters must be object type.") or {}
     _temperature(p, params, zero_ok=False)
-    top_k = p.get("top_k")
-    if top_k is not None:
-        if not _is_int(top_k) or not 0 < top_k <= INT32_MAX:
-            raise invalid(f"Parameter top_k must be in (0,{INT32_MAX}], got {fmt(top_k)}")
-        params.top_k = top_k
+    _top_k(p, params, "positive")
     _top_p(p, params, exclusive_one=True)
     _typical_p(p, params)
     params.do_sample = _bool(p, "do_sample")
@@ -535,11 +533,7 @@ def parse_triton_token(p: dict) -> GenParams:
     """``inputs[0].parameters`` of the Triton token route, in MindIE's order."""
     params = GenParams(default_max_tokens=20)
     _temperature(p, params, zero_ok=False)
-    top_k = p.get("top_k")
-    if top_k is not None:
-        if not _is_int(top_k) or not 0 <= top_k <= INT32_MAX:
-            raise invalid(f"Parameter top_k must be in [0,{INT32_MAX}], got {fmt(top_k)}")
-        params.top_k = top_k
+    _top_k(p, params, "non_negative")
     _top_p(p, params)
     params.do_sample = _bool(p, "do_sample")
     _seed(p, params)
