@@ -142,6 +142,14 @@ def create_app(service: Service) -> FastAPI:
         except (ValueError, UnicodeDecodeError):
             raise invalid(message) from None
 
+    async def read_request_object(request: Request) -> dict:
+        """The body as a JSON object (else the parse error), once the service is known to be running."""
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise invalid(JSON_PARSE_ERROR)
+        service.check_running()
+        return body
+
     # -- vLLM / TGI /generate ------------------------------------------------------------------
     @app.post("/generate")
     async def generate(request: Request):
@@ -254,18 +262,12 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/generate_stream")
     async def generate_stream(request: Request):
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise invalid(JSON_PARSE_ERROR)
-        service.check_running()
+        body = await read_request_object(request)
         return await tgi_generate(request, body, stream=True, wrap_list=False)
 
     @app.post("/")
     async def tgi_root(request: Request):
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise invalid(JSON_PARSE_ERROR)
-        service.check_running()
+        body = await read_request_object(request)
         stream = get(body, "stream", "boolean", "stream must be boolean type.")
         return await tgi_generate(request, body, stream=bool(stream), wrap_list=True)
 
@@ -278,10 +280,7 @@ def create_app(service: Service) -> FastAPI:
 
     async def triton(request: Request, model: str, stream: bool):
         check_model(model)
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise invalid(JSON_PARSE_ERROR)
-        service.check_running()
+        body = await read_request_object(request)
         # The id is checked with the parameters, but it shapes every response: read it first.
         text_input = body.get("text_input")
         if text_input is None:
@@ -343,10 +342,7 @@ def create_app(service: Service) -> FastAPI:
     # -- OpenAI -----------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise invalid(JSON_PARSE_ERROR)
-        service.check_running()
+        body = await read_request_object(request)
         model = check_openai_model(body, names)
         messages = check_messages(body)
         service.check_chars(dumps(messages), "Messages length must be in (0, {limit}], but got {got}")
@@ -357,10 +353,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise invalid(JSON_PARSE_ERROR)
-        service.check_running()
+        body = await read_request_object(request)
         model = check_openai_model(body, names, "Not found given model, please check modelName in config file.")
         prompt = body.get("prompt")
         if prompt is None:
@@ -501,10 +494,7 @@ def create_app(service: Service) -> FastAPI:
     # -- MindIE native /infer -------------------------------------------------------------------
     @app.post("/infer")
     async def native_infer(request: Request):
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise invalid(JSON_PARSE_ERROR)
-        service.check_running()
+        body = await read_request_object(request)
         if "inputs" in body and "input_id" in body:
             raise invalid("Input conflict.")
         ids = items = None
@@ -577,10 +567,7 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v2/models/{model}/infer")
     async def triton_infer(request: Request, model: str):
         check_model(model)
-        body = await read_json(request)
-        if not isinstance(body, dict):
-            raise invalid(JSON_PARSE_ERROR)
-        service.check_running()
+        body = await read_request_object(request)
         inputs = body.get("inputs")
         if not isinstance(inputs, list):
             raise invalid("Req should contain 'inputs' and the type should be array.")
