@@ -16,6 +16,7 @@ import time
 
 import uvicorn
 
+from atb_llm.utils.dist import destroy_distributed
 from service.app import BodyLimit, create_app
 from service.core import Service, ServiceConfig, demo_media_dir, follow
 from service.media import DEFAULT_MEDIA_DIR
@@ -157,7 +158,10 @@ def main(argv=None) -> int:
     config = config_from_args(args)
     try:  # a bad flag or checkpoint is a one-line error, not a traceback
         if int(os.environ.get("RANK", "0")) != 0:
-            follow(config)
+            try:
+                follow(config)
+            finally:
+                destroy_distributed()
             return 0
         service = Service(config)
     except (ValueError, OSError, NotImplementedError) as error:
@@ -169,7 +173,10 @@ def main(argv=None) -> int:
     # uvicorn re-raises the captured signal once it has shut down; a no-op handler makes that exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    try:
+        server.run()
+    finally:
+        destroy_distributed()
     return 0 if server.started else 1
 
 

@@ -273,3 +273,40 @@ def test_service_path_shm_codes_round_trip(chat_model_dir, video_6_frames, tmp_p
         assert torch.equal(pixels, router.input_builder.load_video(video_6_frames))
     finally:
         shm_utils.release_shared_memory(save_path)
+
+
+SHIPPED_RUNTIME = {f"atb_llm.runner.{m}" for m in RUNTIME_MODULES}
+
+
+def shipped_import_violations(path: str) -> list[str]:
+    """Imports a shipped runtime or example module may not make inside a MindIE tree: atb_llm names other
+    than the framework's (DESIGN.md, plus ModelRunner), the plugin and the shipped runtime; and any
+    ``examples.*`` module outside this model's folder (MindIE's shared runners differ from ours)."""
+    with open(path, encoding="utf-8") as file:
+        tree = ast.parse(file.read(), filename=path)
+    allowed = {**FRAMEWORK, "atb_llm.runner.model_runner": {"ModelRunner"}}
+    problems = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+            continue
+        module, where = node.module, f"{os.path.relpath(path, REPO)}:{node.lineno}"
+        if module.startswith("examples.") and not module.startswith(f"examples.models.{MODEL_TYPE}"):
+            problems.append(f"{where}: {module} is not shipped (MindIE has its own)")
+        elif module.startswith("atb_llm.") and not (module.startswith(PLUGIN) or module in SHIPPED_RUNTIME):
+            names = {alias.name for alias in node.names}
+            if module not in allowed or not names <= allowed[module]:
+                problems.append(f"{where}: {module}.{sorted(names)} does not exist in MindIE")
+    return problems
+
+
+def test_shipped_runtime_and_runner_use_only_names_mindie_has(tmp_path):
+    paths = [os.path.join(REPO, "atb_llm", "runner", f"{m}.py") for m in RUNTIME_MODULES]
+    example_dir = os.path.join(REPO, "examples", "models", MODEL_TYPE)
+    paths += [os.path.join(example_dir, n) for n in sorted(os.listdir(example_dir)) if n.endswith(".py")]
+    problems = [p for path in paths for p in shipped_import_violations(path)]
+    assert not problems, "\n".join(problems)
+    bad = tmp_path / "bad.py"  # the checker catches a host-only helper and MindIE's differing runners
+    bad.write_text("from atb_llm.utils.dist import destroy_distributed\nfrom examples.run_pa import PARunner\n"
+                   "from atb_llm.runner.model_runner import ModelRunner\n")
+    found = shipped_import_violations(str(bad))
+    assert len(found) == 2 and "atb_llm.utils.dist" in found[0] and "examples.run_pa" in found[1]

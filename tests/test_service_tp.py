@@ -83,7 +83,8 @@ def test_tp2_answers_like_tp1_and_stops_cleanly(chat_model_dir, tp_media):
         assert pair.wait_idle()["kv_blocks_all_free"]
     finally:
         code = pair.stop()
-    assert code == 0, pair.output()
+    with open(pair.log.name, encoding="utf-8", errors="replace") as log:
+        assert code == 0, log.read()[-6000:]
     assert _wait_gone(marker) == [], "processes left behind after SIGTERM"
 
 

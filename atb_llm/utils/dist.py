@@ -32,3 +32,10 @@ def initialize_distributed(rank: int, world_size: int, device: torch.device | No
         os.environ.setdefault("MASTER_PORT", "29500")
         torch_dist.init_process_group(backend_for(device or torch.device("cpu")), rank=rank, world_size=world_size)
     return torch_dist.group.WORLD
+
+
+def destroy_distributed() -> None:
+    """Tear the process group down before exit: left to interpreter shutdown, gloo's threads can abort
+    the process ("terminate called without an active exception") and turn a clean exit into a failure."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

@@ -10,6 +10,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+import torch
+
 from atb_llm.models.cogvlm2_llama3_video.input_builder_cogvlm2_llama3_video import parse_conversation
 from atb_llm.runner.engine import Request
 from atb_llm.runner.offline_runner import (
@@ -199,4 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    finally:
+        # Left to interpreter shutdown, gloo's threads can abort a clean exit; this file also runs inside
+        # MindIE trees, so plain torch.distributed rather than a helper of this repository.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    sys.exit(status)
