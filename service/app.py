@@ -1,4 +1,4 @@
-"""HTTP routes: vLLM, TGI, Triton and OpenAI wire formats over one ``Service`` (MINDIE_SERVICE_API.md)."""
+"""HTTP routes: vLLM, TGI, Triton and OpenAI wire formats over one ``Service`` (docs/SERVICE_API.md)."""
 from __future__ import annotations
 
 import contextlib
@@ -740,7 +740,8 @@ def create_app(service: Service) -> FastAPI:
 
 
 def flatten_messages(messages: list) -> list:
-    """Text-only list contents become one string, up to the first message that carries media (spec 7)."""
+    """Text-only list contents become one string, up to the first message that carries media
+    (docs/SERVICE_API.md section 7)."""
     out, media_seen = [], False
     for message in messages:
         content = message.get("content")

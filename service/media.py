@@ -1,4 +1,4 @@
-"""Multimodal content items (spec section 6): checks, local-path rules and base64 videos.
+"""Multimodal content items (docs/SERVICE_API.md section 6): checks, local-path rules and base64 videos.
 
 Items become the plugin's ``{"text": ...}`` / ``{"video": local_path}``. No network fetches: http(s)
 URLs are refused. A local path must resolve, without being a symlink, inside an allowed media

@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED = os.path.join(os.path.dirname(REPO), "shared", "acceptance", "seed_requests.json")
+# The six requests of the model's original README, machine-readable (see the file's "about").
+SEED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "seed_requests.json")
 TOKEN_MSG0 = ("Messages token length must be in (0, 1048576], but got 0. This could be caused by invalid input "
               "format or empty content.")
 GENERATE_PARSE = ('{"Error": "`inputs` or `prompt` must be necessary and data type must be string. Additionally, '
@@ -223,6 +224,7 @@ def test_vllm_stream_is_nul_terminated_json(server, clip):
     assert full == "Describe. " + "".join(deltas)
 
 
+@pytest.mark.parity
 def test_tgi_generate_stream_and_root(server, clip):
     body = _tgi_body("What happens?", clip, max_new_tokens=8, details=True, do_sample=False, seed=7)
     plain = server.client.post("/generate", json=body).json()
@@ -259,6 +261,7 @@ def test_tgi_generate_stream_and_root(server, clip):
 
 # -- the official OpenAI client -----------------------------------------------------------------------
 
+@pytest.mark.parity
 def test_openai_client_chat_and_stream(server, clip):
     from openai import OpenAI
 
@@ -550,6 +553,7 @@ def test_prompt_too_long_is_424_and_max_tokens_is_capped(server):
     assert capped.json()["choices"][0]["finish_reason"] == "length"
 
 
+@pytest.mark.parity
 def test_truncate_keeps_the_last_tokens_but_never_cuts_the_video(server, clip):
     long = server.client.post("/generate", json={"inputs": "one two three four five six seven eight",
                                                  "parameters": {"truncate": 4, "max_new_tokens": 1,
@@ -559,6 +563,7 @@ def test_truncate_keeps_the_last_tokens_but_never_cuts_the_video(server, clip):
     assert resp.status_code == 422 and "would cut into the video's vision tokens" in resp.json()["error"]
 
 
+@pytest.mark.parity
 def test_stop_strings_and_stop_token_ids(server):
     base = {"inputs": "Tell me a story.", "parameters": {"max_new_tokens": 12, "do_sample": False, "details": True}}
     plain = server.client.post("/generate", json=base).json()
@@ -586,6 +591,7 @@ def test_sampling_with_seed_is_reproducible(server, clip):
     assert a == b and a["details"]["seed"] == 99
 
 
+@pytest.mark.parity
 def test_models_health_info_and_unknown_routes(server, chat_model_dir):
     models = server.client.get("/v1/models")
     assert models.text.startswith('{\n    "data": [')
@@ -630,6 +636,7 @@ def test_client_disconnect_mid_stream_frees_blocks(server, clip):
     server.wait_idle()
 
 
+@pytest.mark.parity
 def test_zz_everything_released(server):
     """Runs last in this module: no KV block, request resource or shared-memory segment is left."""
     res = server.wait_idle()

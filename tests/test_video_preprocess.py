@@ -41,7 +41,7 @@ except ImportError:
 
 
 # ------------------------------------------------------------------------------------------
-# Expected frame ids, written independently of the module from MODEL.md section 3
+# Expected frame ids, written independently of the module from docs/MODEL.md section 3
 # ------------------------------------------------------------------------------------------
 
 def expected_chat_ids(total: int, fps: int, num_frames: int = 24) -> list[int]:
@@ -277,7 +277,7 @@ def _bilinear_axis(n_in: int, n_out: int) -> np.ndarray:
 
 
 def numpy_transform(clip: np.ndarray, size: int = 224) -> np.ndarray:
-    """float64 reference: [C, T, H, W] uint8 -> [T, 3, size, size], as MODEL.md describes."""
+    """float64 reference: [C, T, H, W] uint8 -> [T, 3, size, size], as docs/MODEL.md describes."""
     _, _, height, width = clip.shape
     x = clip.astype(np.float64) / 255.0
     x = (x - MEAN[:, None, None, None]) / STD[:, None, None, None]

@@ -1,4 +1,4 @@
-"""Config of cogvlm2-video-llama3-chat: the HF config.json fields of MODEL.md section 1."""
+"""Config of cogvlm2-video-llama3-chat: the HF config.json fields of docs/MODEL.md section 1."""
 from dataclasses import dataclass
 from typing import Any
 

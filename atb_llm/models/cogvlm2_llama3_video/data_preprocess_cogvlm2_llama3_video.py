@@ -1,6 +1,6 @@
 """Video input of CogVLM2-Video: file checks, frame choice, decoding and the frame transform.
 
-Frame choice and the transform follow MODEL.md section 3 (the reference demo's decord path).
+Frame choice and the transform follow docs/MODEL.md section 3 (the reference demo's decord path).
 Decoding tries decord first and falls back to PyAV (decord's bundled FFmpeg cannot open e.g.
 AV1). Both backends index frames the same way (packets of the video stream sorted by pts) and
 return the same rgb24 pixels, so the chosen frames do not depend on which backend ran.
@@ -50,7 +50,7 @@ def choose_frame_ids(
     template: str,
     num_frames: int = NUM_FRAMES,
 ) -> list[int]:
-    """Indices of the frames to feed the model (MODEL.md section 3).
+    """Indices of the frames to feed the model (docs/MODEL.md section 3).
 
     chat / vqa: one frame per whole second ``s`` in ``range(round(max(timestamps)) + 1)``, the one
     whose start time is closest to ``s`` (first on ties), at most ``num_frames`` of them.
