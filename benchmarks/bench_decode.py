@@ -1,7 +1,7 @@
 """Decode and prefill speed of our paged engine against transformers' ``generate`` on the same weights.
 
 Builds (once, into a temp dir) a text-only-sized checkpoint in the real layout (hidden 1024, 8 layers,
-16/4 heads, ffn 3584, vocab 128256: the peer baseline of ENVIRONMENT.md), loads the same tensors into
+16/4 heads, ffn 3584, vocab 128256: a 372 M-parameter Llama), loads the same tensors into
 ``transformers.LlamaForCausalLM``, and times both side by side in one process, greedy, for batch 1 and 8.
 Prints ms per decode step and the ratio (ours / transformers; below 1 is faster). "same tokens" counts
 sequences whose greedy tokens agree; in bf16, random weights give near-tied logits where rounding order
@@ -49,8 +49,9 @@ def hf_llama(runner: PARunner, dtype: torch.dtype) -> LlamaForCausalLM:
             theirs.self_attn.k_proj.weight.copy_(k)
             theirs.self_attn.v_proj.weight.copy_(v)
             theirs.self_attn.o_proj.weight.copy_(mine.self_attn.dense.weight)
-            theirs.mlp.gate_proj.weight.copy_(mine.mlp.gate_proj.weight)
-            theirs.mlp.up_proj.weight.copy_(mine.mlp.up_proj.weight)
+            gate, up = mine.mlp.gate_up_proj.weight.chunk(2)
+            theirs.mlp.gate_proj.weight.copy_(gate)
+            theirs.mlp.up_proj.weight.copy_(up)
             theirs.mlp.down_proj.weight.copy_(mine.mlp.down_proj.weight)
             theirs.input_layernorm.weight.copy_(mine.input_layernorm.weight)
             theirs.post_attention_layernorm.weight.copy_(mine.post_attention_layernorm.weight)

@@ -1,4 +1,4 @@
-"""A dense reference of cogvlm2-video-llama3-chat written from shared/docs/MODEL.md alone.
+"""A dense reference of cogvlm2-video-llama3-chat written from docs/MODEL.md alone.
 
 No KV cache, no paging, plain full attention in fp32, position ids by the rule of section 5 written as
 a loop. It imports nothing from the plugin: tests compare the paged runtime against it.
@@ -25,7 +25,7 @@ def load_checkpoint(model_dir: str):
 
 
 def reference_positions(is_vision: list[bool]) -> list[int]:
-    """MODEL.md section 5, literally."""
+    """docs/MODEL.md section 5, literally."""
     n = len(is_vision)
     counts_as_language = []
     for i in range(n):
@@ -155,7 +155,7 @@ class DenseReference:
 
 
 def chat_token_ids(tokenizer, config: dict, query: str, history, num_frames: int, template: str = "chat"):
-    """Token layout of MODEL.md section 4, written independently of the plugin: (ids, is_vision)."""
+    """Token layout of docs/MODEL.md section 4, written independently of the plugin: (ids, is_vision)."""
     def encode(text):
         return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
@@ -175,3 +175,11 @@ def chat_token_ids(tokenizer, config: dict, query: str, history, num_frames: int
         prompt = "".join(f"Question: {q} Answer: {a}\n" for q, a in history) + f"Question: {query} Answer:"
     prompt_ids = encode(prompt)
     return ids + prompt_ids, vision + [False] * len(prompt_ids)
+
+
+def poison_kv_cache(cache_manager) -> None:
+    """Fill every K/V slot with NaN: MindIE allocates its cache with torch.empty, so a slot holds garbage until
+    written, and attention that reads one outside a sequence's context must show it."""
+    for k_cache, v_cache in cache_manager.kv_cache:
+        k_cache.fill_(float("nan"))
+        v_cache.fill_(float("nan"))

@@ -10,6 +10,7 @@ import torch
 from atb_llm.models.cogvlm2_llama3_video.device_ops import DEVICE_OPS_ENV, PortableOps, get_device_ops
 from atb_llm.runner.sampler import SamplingParams
 from examples.multimodal_runner import MultimodalInput, MultimodalPARunner
+from tests.reference import poison_kv_cache
 
 FAKE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_npu")
 
@@ -93,14 +94,34 @@ def test_prefill_attention_ragged_gqa(ascend, fake_npu):
     assert fake_npu.CALLS["_npu_flash_attention"] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_attention_in_half_precision(ascend, fake_npu, dtype):
+    """The kernels run in fp16/bf16 on an NPU: the mask must build (fp16's bias is -inf, not an overflow)."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = [3, 6]
+    q = torch.randn(9, 4, 16, generator=gen).to(dtype)
+    k, v = torch.randn(9, 2, 16, generator=gen).to(dtype), torch.randn(9, 2, 16, generator=gen).to(dtype)
+    got = ascend.prefill_attention(q, k, v, lengths, 0.25)
+    want = PortableOps.prefill_attention(q.float(), k.float(), v.float(), lengths, 0.25)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_paged_decode_attention(ascend, fake_npu):
     gen = torch.Generator().manual_seed(4)
     k_cache, v_cache = torch.randn(6, 4, 2, 16, generator=gen), torch.randn(6, 4, 2, 16, generator=gen)
     q = torch.randn(3, 4, 16, generator=gen)
     block_tables = torch.tensor([[5, 2, 0], [1, 0, 0], [3, 4, 0]])  # padded with 0, as the runner does
     context_lens = torch.tensor([7, 1, 8])
+    # Slots no sequence has written hold garbage (MindIE's cache is torch.empty): neither backend may read them.
+    written = torch.zeros(6, 4, dtype=torch.bool)
+    for row, length in zip(block_tables.tolist(), context_lens.tolist()):
+        for position in range(length):
+            written[row[position // 4], position % 4] = True
+    k_cache[~written], v_cache[~written] = float("nan"), float("inf")
     got = ascend.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, 0.25)
     want = PortableOps.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, 0.25)
+    assert torch.isfinite(want).all()
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert fake_npu.CALLS["_npu_paged_attention"] == 1
 
@@ -117,6 +138,7 @@ def run_model(model_dir: str, items: list[MultimodalInput], steps: int):
                                 max_output_length=steps, max_batch_size=len(items), block_size=16)
     sampling = SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True)
     requests = [runner.prepare_request(item, sampling) for item in items]
+    poison_kv_cache(runner.make_cache_manager())
     engine = runner.make_engine()
     logits = {}
     engine.on_logits = lambda ids, rows: [logits.setdefault(i, []).append(r.clone()) for i, r in zip(ids, rows)]

@@ -250,8 +250,8 @@ def test_safe_readlines_limit():
 def test_constants():
     assert file_utils.MAX_PATH_LENGTH == 4096
     assert file_utils.MAX_FILE_SIZE == 100 * 1024 * 1024
-    assert file_utils.MAX_FILE_NUM == 1024
-    assert file_utils.MAX_LINE_NUM == 10 * 2 ** 20
+    assert file_utils.MAX_FILENUM_PER_DIR == 1024
+    assert file_utils.MAX_LINENUM_PER_FILE == 10 * 1024 * 1024
 
 
 # ---------------------------------------------------------------- logging (atb_llm.utils.log)

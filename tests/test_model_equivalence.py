@@ -1,11 +1,11 @@
-"""The paged runtime computes what the dense reference (written from MODEL.md) computes."""
+"""The paged runtime computes what the dense reference (written from docs/MODEL.md) computes."""
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from atb_llm.runner.sampler import SamplingParams
 from examples.multimodal_runner import MultimodalPARunner
-from tests.reference import DenseReference, chat_token_ids
+from tests.reference import DenseReference, chat_token_ids, poison_kv_cache
 
 STEPS = 32
 
@@ -22,6 +22,7 @@ def greedy() -> SamplingParams:
 
 
 def run_with_logits(runner: MultimodalPARunner, requests):
+    poison_kv_cache(runner.make_cache_manager())
     engine = runner.make_engine()
     logits = {}
     engine.on_logits = lambda ids, rows: [logits.setdefault(i, []).append(r.clone()) for i, r in zip(ids, rows)]
@@ -51,7 +52,7 @@ def check_against_reference(runner, reference, tokenizer, conversation, query, h
     pixels = request.pixel_values
     frames = 0 if pixels is None else pixels.shape[0]
     ids, is_vision = chat_token_ids(tokenizer, reference.config, query, history, frames, template)
-    assert request.prompt_ids == ids, "token layout differs from MODEL.md section 4"
+    assert request.prompt_ids == ids, "token layout differs from docs/MODEL.md section 4"
     logits = run_with_logits(runner, [request])[request.request_id]
     ref_tokens, ref_logits = reference.greedy(ids, is_vision, pixels, STEPS)
     assert request.output_ids == ref_tokens
@@ -59,6 +60,7 @@ def check_against_reference(runner, reference, tokenizer, conversation, query, h
     return frames
 
 
+@pytest.mark.parity
 def test_chat_six_frames(chat_runner, chat_reference, tokenizer, video_6_frames):
     query = "What is happening in this video?"
     conversation = [{"role": "user", "content": [{"video": video_6_frames}, {"text": query}]}]
@@ -72,12 +74,14 @@ def test_chat_twenty_four_frames(chat_runner, chat_reference, tokenizer, video_2
     assert check_against_reference(chat_runner, chat_reference, tokenizer, conversation, query, []) == 24
 
 
+@pytest.mark.parity
 def test_text_only(chat_runner, chat_reference, tokenizer):
     query = "What's deep learning?"
     conversation = [{"role": "user", "content": query}]
     assert check_against_reference(chat_runner, chat_reference, tokenizer, conversation, query, []) == 0
 
 
+@pytest.mark.parity
 def test_three_turn_conversation(chat_runner, chat_reference, tokenizer, video_6_frames):
     history = [("what is the general content of this video?", "Birds fly over the sea."),
                ("Which colours dominate?", "Blue and white.")]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from atb_llm.models import get_model
 from atb_llm.runner.sampler import SamplingParams
 from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
-from tests.reference import reference_positions
+from tests.reference import poison_kv_cache, reference_positions
 from tests.test_model_equivalence import make_runner, run_with_logits
 
 
@@ -38,6 +38,7 @@ def test_batch_invariance(runner, video_6_frames, video_24_frames, video_3_frame
         runner.run([request])
         alone.append(request.output_ids)
     batch = [ask(runner, text, video) for text, video in inputs]
+    poison_kv_cache(runner.make_cache_manager())
     engine = runner.make_engine()
     steps_with_four = []
     engine.on_logits = lambda ids, rows: steps_with_four.append(len(ids))
@@ -57,7 +58,7 @@ def test_chat_position_ids_match_model_md(runner, video_6_frames):
     request = ask(runner, "Hi", video_6_frames)
     ids = request.prompt_ids
     positions = list(runner.model.generate_position_ids(np.asarray(ids)))
-    # MODEL.md section 5, by hand: bos=0; per frame boi, 64 patches sharing one position, eoi, time index.
+    # docs/MODEL.md section 5, by hand: bos=0; per frame boi, 64 patches sharing one position, eoi, time index.
     expected = [0]
     for _ in range(6):
         last = expected[-1]

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from atb_llm.models.cogvlm2_llama3_video.input_builder_cogvlm2_llama3_video import (
+    write_pixels_to_shm,
+)
 from atb_llm.utils import shm_utils
 from atb_llm.utils.shm_utils import (
     MAX_SHM_SIZE,
@@ -24,7 +27,6 @@ from atb_llm.utils.shm_utils import (
     encode_shm_name_to_int64,
     get_data_from_shm,
     release_shared_memory,
-    write_tensor_to_shm,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +36,8 @@ SHM_DIR = "/dev/shm"
 SHAPE_BITS = {1: [57], 2: [29, 28], 3: [19, 19, 19], 4: [18, 3, 18, 18], 5: [13, 13, 3, 14, 14]}
 CHARSET = "0123456789abcdefpsmnwABCDEF"
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason="needs POSIX shared memory in /dev/shm")
+pytestmark = [pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason="needs POSIX shared memory in /dev/shm"),
+              pytest.mark.parity]
 
 
 def _shm_names() -> set:
@@ -311,7 +314,7 @@ def test_create_shm_bad_save_path_does_not_leak(tmp_path, opened_names):
 
 def test_write_then_read_same_process(save_path):
     data = torch.arange(24, dtype=torch.float64).reshape(2, 3, 4) / 7
-    name_code, shape_code = write_tensor_to_shm(data, save_path)
+    name_code, shape_code = write_pixels_to_shm(data, save_path)
     assert name_code < 0 and shape_code < 0
     assert decode_shape_from_int64(shape_code) == [2, 3, 4]
     out = get_data_from_shm(name_code, shape_code, np.float32)
@@ -323,7 +326,7 @@ def test_write_then_read_same_process(save_path):
 
 
 def test_get_data_closes_its_handle(save_path):
-    name_code, shape_code = write_tensor_to_shm(np.ones((4, 4)), save_path)
+    name_code, shape_code = write_pixels_to_shm(np.ones((4, 4)), save_path)
     name = decode_shm_name_from_int64(name_code)
     get_data_from_shm(name_code, shape_code)
     with open("/proc/self/maps", encoding="utf-8") as f:
@@ -331,13 +334,13 @@ def test_get_data_closes_its_handle(save_path):
 
 
 def test_get_data_segment_too_small_raises(save_path):
-    name_code, _ = write_tensor_to_shm(np.ones(4), save_path)
+    name_code, _ = write_pixels_to_shm(np.ones(4), save_path)
     with pytest.raises(ValueError, match="too small"):
         get_data_from_shm(name_code, encode_shape_to_int64([1000]))
 
 
 def test_get_data_bad_codes_raise(save_path):
-    name_code, shape_code = write_tensor_to_shm(np.ones(4), save_path)
+    name_code, shape_code = write_pixels_to_shm(np.ones(4), save_path)
     # Flip the lowest checksum bit of the magnitude: always a checksum mismatch, whatever the random name.
     with pytest.raises(ValueError):
         get_data_from_shm(-((-name_code) ^ 1), shape_code)
@@ -351,24 +354,24 @@ def test_get_data_bad_codes_raise(save_path):
 
 def test_write_rejects_unencodable_shape_without_leaking(save_path, opened_names):
     with pytest.raises(ValueError):
-        write_tensor_to_shm(np.zeros((1, 1, 1, 1, 1, 1)), save_path)
+        write_pixels_to_shm(np.zeros((1, 1, 1, 1, 1, 1)), save_path)
     with pytest.raises(ValueError):
-        write_tensor_to_shm(np.zeros((1, 5, 1, 1)), save_path)
+        write_pixels_to_shm(np.zeros((1, 5, 1, 1)), save_path)
     assert opened_names == []  # the shape is checked before any segment exists
     assert not os.path.exists(save_path)
 
 
 def test_write_empty_and_torch_half(save_path):
-    name_code, shape_code = write_tensor_to_shm(torch.zeros(0, 3), save_path)
+    name_code, shape_code = write_pixels_to_shm(torch.zeros(0, 3), save_path)
     assert get_data_from_shm(name_code, shape_code).shape == (0, 3)
     half = torch.tensor([[1.5, -2.25]], dtype=torch.float16)
-    name_code, shape_code = write_tensor_to_shm(half, save_path)
+    name_code, shape_code = write_pixels_to_shm(half, save_path)
     torch.testing.assert_close(get_data_from_shm(name_code, shape_code), half.float())
 
 
 def test_cross_process_child_reads_parent_data(save_path, tmp_path):
     data = np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32)
-    name_code, shape_code = write_tensor_to_shm(data, save_path)
+    name_code, shape_code = write_pixels_to_shm(data, save_path)
     out_file = tmp_path / "child.npy"
     proc = _run_python(f"""
         import numpy as np
@@ -388,9 +391,9 @@ def test_cross_process_parent_reads_child_data(tmp_path):
     save = tmp_path / "names.txt"
     proc = _run_python(f"""
         import numpy as np
-        from atb_llm.utils.shm_utils import write_tensor_to_shm
+        from atb_llm.models.cogvlm2_llama3_video.input_builder_cogvlm2_llama3_video import write_pixels_to_shm
         data = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
-        print(*write_tensor_to_shm(data, {str(save)!r}))
+        print(*write_pixels_to_shm(data, {str(save)!r}))
     """)
     try:
         assert proc.returncode == 0, proc.stderr
@@ -405,7 +408,7 @@ def test_cross_process_parent_reads_child_data(tmp_path):
 
 def test_release_in_separate_process_is_quiet(tmp_path):
     save = tmp_path / "names.txt"
-    name_code, _ = write_tensor_to_shm(np.ones(8), str(save))
+    name_code, _ = write_pixels_to_shm(np.ones(8), str(save))
     name = decode_shm_name_from_int64(name_code)
     proc = _run_python(f"""
         from atb_llm.utils.shm_utils import release_shared_memory
@@ -420,7 +423,7 @@ def test_release_removes_every_segment(save_path):
     before = _shm_names()
     created = set()
     for i in range(5):
-        name_code, _ = write_tensor_to_shm(np.full((i + 1, 3), i, dtype=np.float32), save_path)
+        name_code, _ = write_pixels_to_shm(np.full((i + 1, 3), i, dtype=np.float32), save_path)
         created.add(decode_shm_name_from_int64(name_code))
     shm = create_shm(128, save_path)
     created.add(shm.name)
@@ -435,7 +438,7 @@ def test_release_removes_every_segment(save_path):
 
 
 def test_release_skips_missing_names(save_path):
-    name_code, _ = write_tensor_to_shm(np.ones(3), save_path)
+    name_code, _ = write_pixels_to_shm(np.ones(3), save_path)
     name = decode_shm_name_from_int64(name_code)
     with open(save_path, "a", encoding="utf-8") as f:
         f.write("psm_00000000\n\n")
@@ -444,7 +447,7 @@ def test_release_skips_missing_names(save_path):
 
 
 def test_get_data_after_release_raises(save_path):
-    name_code, shape_code = write_tensor_to_shm(np.ones((2, 2)), save_path)
+    name_code, shape_code = write_pixels_to_shm(np.ones((2, 2)), save_path)
     release_shared_memory(save_path)
     with pytest.raises(RuntimeError, match="does not exist"):
         get_data_from_shm(name_code, shape_code)

@@ -1,4 +1,4 @@
-"""get_model: config.json ``model_type`` -> the model's router (framework contract section 1)."""
+"""get_model: config.json ``model_type`` -> the model's router (MindIE's resolution rules: docs/DESIGN.md section 2)."""
 import importlib
 import os
 

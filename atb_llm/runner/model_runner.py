@@ -1,4 +1,4 @@
-"""ModelRunner: loads a model through ``get_model`` and drives its forward (framework contract section 6)."""
+"""ModelRunner: loads a model through ``get_model`` and drives its forward (MindIE's signature)."""
 
 import torch
 
@@ -53,7 +53,7 @@ def default_device(local_rank: int) -> torch.device:
 
 
 class ModelRunner:
-    def __init__(self, model_name_or_path: str, rank: int = 0, world_size: int = 1, npu_id: int | None = None,
+    def __init__(self, model_name_or_path: str, rank: int, world_size: int, npu_id: int | None = None,
                  local_rank: int | None = None, is_flash_causal_lm: bool = True, load_tokenizer: bool = True,
                  max_position_embeddings: int | None = None, tokenizer_path: str | None = None,
                  enable_edge: bool = False, llm_config_path=None, models_dict=None, **kwargs):
@@ -76,6 +76,7 @@ class ModelRunner:
         self.max_position_embeddings = max_position_embeddings or self.config.max_position_embeddings or 2048
         self.dtype = resolve_dtype(kwargs.get("dtype"), getattr(self.config, "torch_dtype", None), self.device)
         self.kv_cache_dtype = self.dtype
+        self.kv_quant_type = None  # MindIE reads it from quantization_config; the portable cache is unquantized
         self.model = None
         # Leader/follower tensor parallelism: rank 0 schedules and broadcasts each step's inputs, the other
         # ranks only run the model (``follow``). Off: every rank runs the same engine in lockstep.

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from atb_llm.runner.cache import CacheManager
+from atb_llm.runner.cache import CacheConfig, CacheManager, ModelConfig
 from atb_llm.runner.engine import GenerationEngine, Request, video_cache_key
 from atb_llm.runner.model_runner import ModelRunner
 from atb_llm.runner.sampler import SamplingParams
@@ -31,6 +31,14 @@ def eos_token_ids(runner: ModelRunner) -> list[int]:
         value = runner.config.eos_token_id
     ids = value if isinstance(value, list) else [value]
     return [int(i) for i in ids if i is not None]
+
+
+def model_config_of(runner: ModelRunner) -> ModelConfig:
+    """The KV cache's view of a loaded model, built as MindIE's ``run_pa.py`` builds it."""
+    return ModelConfig(runner.num_heads, runner.num_kv_heads,
+                       getattr(runner.config, "num_key_value_heads", runner.num_kv_heads), runner.k_head_size,
+                       runner.v_head_size, runner.num_layers, runner.device, runner.kv_cache_dtype, runner.soc_info,
+                       runner.kv_quant_type, model_type=getattr(runner.config, "model_type", None))
 
 
 class PARunner:
@@ -61,9 +69,8 @@ class PARunner:
         if self.cache_manager is None:
             # As MindIE's warm-up cache: every batch slot can hold a full-length sequence.
             num_blocks = self.num_blocks or math.ceil(self.max_seq_len / self.block_size) * self.max_batch_size
-            self.cache_manager = CacheManager(self.model.num_layers, num_blocks, self.block_size,
-                                              self.model.num_kv_heads, self.model.head_size,
-                                              self.model.kv_cache_dtype, self.model.device)
+            self.cache_manager = CacheManager(CacheConfig(num_blocks, self.block_size),
+                                              model_config_of(self.model))
         return self.cache_manager
 
     def make_engine(self) -> GenerationEngine:

@@ -19,8 +19,8 @@ from typing import IO, Any
 
 MAX_PATH_LENGTH = 4096
 MAX_FILE_SIZE = 100 * 1024 * 1024
-MAX_FILE_NUM = 1024
-MAX_LINE_NUM = 10 * 2 ** 20
+MAX_FILENUM_PER_DIR = 1024
+MAX_LINENUM_PER_FILE = 10 * 1024 * 1024
 FILE_PERMISSION = 0o600
 CHECK_PERMISSION_ENV = "MINDIE_CHECK_INPUTFILES_PERMISSION"
 
@@ -67,15 +67,17 @@ def standardize_path(path: str, max_path_length: int = MAX_PATH_LENGTH, check_li
     return real_path
 
 
-def check_path_permission(path: str) -> None:
+def check_path_permission(file_path: str, is_internal_file: bool = False) -> None:
     """Refuse a path owned by another user/group or writable by others.
 
-    Skipped when the env var ``MINDIE_CHECK_INPUTFILES_PERMISSION`` is ``"0"``. Otherwise
+    Skipped when the env var ``MINDIE_CHECK_INPUTFILES_PERMISSION`` is ``"0"``, unless
+    ``is_internal_file`` (files the framework itself writes are always checked). Otherwise
     the effective uid must be root or the owner, or the file's gid must be our gid, and
     the file must not be writable by others. Raises FileNotFoundError or PermissionError.
     """
     # Read the variable on every call so that services and tests can toggle it.
-    if os.environ.get(CHECK_PERMISSION_ENV) == "0":
+    path = file_path
+    if os.environ.get(CHECK_PERMISSION_ENV) == "0" and not is_internal_file:
         return
     try:
         st = os.stat(path)
@@ -106,17 +108,18 @@ def _split_mode(mode: str) -> str:
     return base
 
 
-def check_file_safety(path: str, mode: str = "r", is_exist_ok: bool = True,
-                      max_file_size: int = MAX_FILE_SIZE) -> str:
+def check_file_safety(file_path: str, mode: str = "r", is_exist_ok: bool = True,
+                      max_file_size: int = MAX_FILE_SIZE, is_check_file_size: bool = True) -> str:
     """Validate ``path`` for opening with ``mode``; return the standardized path.
 
     An existing file must be a regular file of at most ``max_file_size`` bytes and pass
     :func:`check_path_permission`; with ``is_exist_ok=False`` it is refused
-    (FileExistsError). Read modes ('r', 'r+') need the file to exist (FileNotFoundError).
+    (FileExistsError); ``is_check_file_size=False`` skips the size limit. Read modes ('r', 'r+')
+    need the file to exist (FileNotFoundError).
     A file that is about to be created needs its parent directory to exist and pass
     :func:`check_path_permission`.
     """
-    real_path = standardize_path(path)
+    real_path = standardize_path(file_path)
     base = _split_mode(mode)
     if os.path.exists(real_path):
         if not is_exist_ok:
@@ -124,7 +127,7 @@ def check_file_safety(path: str, mode: str = "r", is_exist_ok: bool = True,
         if not os.path.isfile(real_path):
             raise ValueError(f"The path is not a regular file: {real_path!r}.")
         size = os.path.getsize(real_path)
-        if size > max_file_size:
+        if is_check_file_size and size > max_file_size:
             raise ValueError(
                 f"The file {real_path!r} is {size} bytes, larger than the limit of {max_file_size} bytes."
             )
@@ -139,17 +142,16 @@ def check_file_safety(path: str, mode: str = "r", is_exist_ok: bool = True,
     return real_path
 
 
-def safe_open(path: str, mode: str = "r", encoding: str | None = None,
-              permission_mode: int = FILE_PERMISSION, **kwargs: Any) -> IO:
+def safe_open(file_path: str, mode: str = "r", encoding: str | None = None,
+              permission_mode: int = FILE_PERMISSION, is_exist_ok: bool = True, **kwargs: Any) -> IO:
     """Open ``path`` after :func:`check_file_safety`, through ``os.open``.
 
     Files created by 'w'/'a'/'x' modes get ``permission_mode`` (0o600 by default, minus the
-    umask); an existing file keeps its mode. ``is_exist_ok`` and ``max_file_size`` in
-    ``kwargs`` go to the safety check, the rest to :func:`os.fdopen`.
+    umask); an existing file keeps its mode. ``is_exist_ok`` and ``max_file_size`` (in
+    ``kwargs``) go to the safety check, the rest to :func:`os.fdopen`.
     """
-    is_exist_ok = kwargs.pop("is_exist_ok", True)
     max_file_size = kwargs.pop("max_file_size", MAX_FILE_SIZE)
-    real_path = check_file_safety(path, mode, is_exist_ok=is_exist_ok, max_file_size=max_file_size)
+    real_path = check_file_safety(file_path, mode, is_exist_ok=is_exist_ok, max_file_size=max_file_size)
     flags = _MODE_FLAGS[_split_mode(mode)]
     # O_NOFOLLOW closes the window between the symlink check above and the open.
     flags |= getattr(os, "O_NOFOLLOW", 0)
@@ -161,9 +163,9 @@ def safe_open(path: str, mode: str = "r", encoding: str | None = None,
         raise
 
 
-def safe_listdir(path: str, max_file_num: int = MAX_FILE_NUM) -> list[str]:
+def safe_listdir(file_path: str, max_file_num: int = MAX_FILENUM_PER_DIR) -> list[str]:
     """``os.listdir`` of a standardized path; ValueError when it has more than ``max_file_num`` entries."""
-    real_path = standardize_path(path)
+    real_path = standardize_path(file_path)
     entries = os.listdir(real_path)
     if len(entries) > max_file_num:
         raise ValueError(
@@ -172,7 +174,7 @@ def safe_listdir(path: str, max_file_num: int = MAX_FILE_NUM) -> list[str]:
     return entries
 
 
-def safe_readlines(file_obj: IO, max_line_num: int = MAX_LINE_NUM) -> list:
+def safe_readlines(file_obj: IO, max_line_num: int = MAX_LINENUM_PER_FILE) -> list:
     """Read all lines of an open file; ValueError when there are more than ``max_line_num``."""
     lines = []
     for line in file_obj:

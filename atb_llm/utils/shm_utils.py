@@ -136,7 +136,7 @@ def create_shm(size: int, shm_name_save_path: str) -> shared_memory.SharedMemory
     return shm
 
 
-def release_shared_memory(path: str) -> None:
+def release_shared_memory(file_path: str) -> None:
     """Close and unlink every segment named in the save file ``path``, then remove the file.
 
     Names are read one per line; blank lines and segments that no longer exist are
@@ -145,7 +145,7 @@ def release_shared_memory(path: str) -> None:
     truncated). A missing save file means nothing to release and is not an error
     (the framework raises). Other failures raise RuntimeError after every name was tried.
     """
-    real_path = standardize_path(path)
+    real_path = standardize_path(file_path)
     if not os.path.exists(real_path):
         return
     releasing = f"{real_path}.releasing.{os.getpid()}.{threading.get_ident()}"
@@ -211,13 +211,13 @@ def encode_shm_name_to_int64(name: str) -> int:
     return -value
 
 
-def decode_shm_name_from_int64(value: IntLike) -> str:
+def decode_shm_name_from_int64(encoded_value: IntLike) -> str:
     """Inverse of :func:`encode_shm_name_to_int64`; accepts an int or a scalar tensor.
 
     Raises ValueError for a code that is not a valid negated name code or whose checksum
     does not match.
     """
-    value = -_to_int(value, "shared memory name code")
+    value = -_to_int(encoded_value, "shared memory name code")
     if not 0 <= value < _INT63_LIMIT:
         raise ValueError(f"{-value} is not a shared memory name code (expected a value in (-2**63, 0]).")
     length = (value >> _NAME_LEN_SHIFT) & 0b11111
@@ -265,9 +265,9 @@ def encode_shape_to_int64(shape: Sequence[int]) -> int:
     return -value
 
 
-def decode_shape_from_int64(value: IntLike) -> list[int]:
+def decode_shape_from_int64(encoded_value: IntLike) -> list[int]:
     """Inverse of :func:`encode_shape_to_int64`; returns a list. ValueError on a bad code."""
-    value = -_to_int(value, "shape code")
+    value = -_to_int(encoded_value, "shape code")
     if not 0 <= value < _INT63_LIMIT:
         raise ValueError(f"{-value} is not a shape code (expected a value in (-2**63, 0]).")
     if (value & 0b111) != (value >> 3).bit_count() % 3:
@@ -347,33 +347,3 @@ def get_data_from_shm(shm_name_value: IntLike, shape_value: IntLike, dtype=np.fl
     finally:
         shm.close()
     return torch.from_numpy(data).to(device)
-
-
-def write_tensor_to_shm(tensor: np.ndarray | torch.Tensor, shm_name_save_path: str) -> tuple[int, int]:
-    """Write ``tensor`` as contiguous float32 into a new segment; return (name_code, shape_code).
-
-    The segment name is recorded in ``shm_name_save_path`` (see :func:`create_shm`) and
-    our handle is closed without unlinking, so the data lives until
-    :func:`release_shared_memory`. Read it back with
-    ``get_data_from_shm(name_code, shape_code, np.float32)``.
-    """
-    if isinstance(tensor, torch.Tensor):
-        array = tensor.detach().to("cpu", torch.float32).numpy()
-    else:
-        array = np.asarray(tensor)
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    # Validate the shape before creating anything, so a bad shape cannot leak a segment.
-    shape_code = encode_shape_to_int64(array.shape)
-    # A segment cannot be empty; an empty tensor still gets one byte.
-    shm = create_shm(max(array.nbytes, 1), shm_name_save_path)
-    try:
-        name_code = encode_shm_name_to_int64(shm.name)
-        view = np.ndarray(array.shape, dtype=np.float32, buffer=shm.buf)
-        view[...] = array
-        del view
-    except Exception:
-        shm.close()
-        _unlink_shm(shm)
-        raise
-    shm.close()
-    return name_code, shape_code

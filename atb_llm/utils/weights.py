@@ -1,5 +1,5 @@
 """Weights: tensors by name from safetensors files, sharded for tensor parallelism
-(framework contract section 8). Tensors are returned on CPU; the runner moves the model."""
+(MindIE's signatures, float weights only). Tensors are returned on CPU; the runner moves the model."""
 import glob
 import json
 import os
@@ -7,19 +7,18 @@ import os
 import torch
 from safetensors import safe_open
 
-from atb_llm.utils.dist import FakeGroup
-
 _INTEGER_DTYPES = (torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool)
 
 
 class Weights:
-    def __init__(self, model_name_or_path: str, device, dtype: torch.dtype, process_group=None,
+    def __init__(self, model_name_or_path: str, device, dtype: torch.dtype, process_group,
                  quantize=None, is_gqa: bool = False, extension: str = ".safetensors", aliases=None,
                  mapping=None, **kwargs):
+        self._check_float(quantize)
         self.model_name_or_path = model_name_or_path
         self.device = torch.device(device)
         self.dtype = dtype
-        self.process_group = process_group if process_group is not None else FakeGroup()
+        self.process_group = process_group
         self.quantize = quantize
         self.is_gqa = is_gqa
         self.mapping = mapping
@@ -65,19 +64,20 @@ class Weights:
             return tensor
         return tensor.to(self.dtype)
 
-    def get_shape(self, name: str) -> list[int]:
-        handle, name = self._handle(name)
+    def get_shape(self, tensor_name: str) -> list[int]:
+        handle, name = self._handle(tensor_name)
         return list(handle.get_slice(name).get_shape())
 
-    def get_tensor(self, name: str, ignore_tensor_correction: bool = False) -> torch.Tensor:
-        handle, name = self._handle(name)
+    def get_tensor(self, tensor_name: str, ignore_tensor_correction: bool = False) -> torch.Tensor:
+        handle, name = self._handle(tensor_name)
         tensor = handle.get_tensor(name)
         return tensor if ignore_tensor_correction else self._correct_dtype(tensor)
 
-    def get_partial_sharded(self, name: str, dim: int, gqa_size: int = 1) -> torch.Tensor:
+    def get_partial_sharded(self, tensor_name: str, dim: int, gqa_size: int = 1) -> torch.Tensor:
         """This rank's contiguous block along ``dim``; whole gqa groups are replicated when there
         are fewer groups than ranks."""
         rank, world = self.process_group.rank(), self.process_group.size()
+        name = tensor_name
         handle, real_name = self._handle(name)
         size = handle.get_slice(real_name).get_shape()[dim]
         groups = size // gqa_size
@@ -94,16 +94,26 @@ class Weights:
         tensor = handle.get_tensor(real_name).narrow(dim, start, block).contiguous()
         return self._correct_dtype(tensor)
 
-    def get_sharded(self, name: str, dim: int, gqa_size: int = 1) -> torch.Tensor:
-        return self.get_partial_sharded(name, dim, gqa_size)
+    def get_sharded(self, tensor_name: str, dim: int, gqa_size: int = 1) -> torch.Tensor:
+        return self.get_partial_sharded(tensor_name, dim, gqa_size)
 
-    def get_multi_weights_col(self, prefixes: list[str], quantize=None, dim: int = 0, gqa_size: int = 1):
+    # The float path of MindIE's loaders; its quantized formats (w8a8, w8a16, gptq ...) are not mirrored.
+    @staticmethod
+    def _check_float(quantize) -> None:
+        if quantize is not None:
+            raise ValueError(f"quantize={quantize!r}: the portable host loads unquantized weights only")
+
+    def get_multi_weights_col(self, prefixes: list[str], quantize, dim: int, gqa_size: int = 1,
+                              routing_expert_dim=None) -> torch.Tensor:
+        self._check_float(quantize)
         return torch.cat([self.get_sharded(f"{p}.weight", dim=dim, gqa_size=gqa_size) for p in prefixes], dim=dim)
 
-    def get_multi_weights_row(self, prefix: str, quantize=None, gqa_size: int = 1, dim: int = 1):
+    def get_multi_weights_row(self, prefix: str, quantize, gqa_size: int = 1, dim: int = 1) -> torch.Tensor:
+        self._check_float(quantize)
         return self.get_sharded(f"{prefix}.weight", dim=dim, gqa_size=gqa_size)
 
-    def get_replicated_weights(self, prefix: str, quantize=None):
+    def get_replicated_weights(self, prefix: str, quantize) -> torch.Tensor:
+        self._check_float(quantize)
         return self.get_tensor(f"{prefix}.weight")
 
     def release_file_handler(self) -> None:

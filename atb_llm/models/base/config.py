@@ -4,6 +4,11 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from atb_llm.utils import file_utils
+
+# transformers 5 keeps the compute dtype in ``dtype`` (``torch_dtype`` is its alias property); 4.x in ``torch_dtype``.
+_READS_DTYPE = isinstance(getattr(PretrainedConfig, "torch_dtype", None), property)
+
 
 @dataclass
 class GenerationConfig:
@@ -36,28 +41,46 @@ class BaseConfig(PretrainedConfig):
     is_reasoning_model: bool = False
 
     def __init__(self, **kwargs):
-        # transformers 5 renamed torch_dtype to dtype; keep both spellings readable.
-        if "torch_dtype" in kwargs and "dtype" not in kwargs:
+        # transformers 5 renamed torch_dtype to dtype; 4.x still reads torch_dtype. Pass the spelling the installed
+        # PretrainedConfig reads (it turns a string into a torch.dtype); both stay readable, backed by self.dtype.
+        if _READS_DTYPE and "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")
+        elif not _READS_DTYPE and "dtype" in kwargs:
+            kwargs["torch_dtype"] = kwargs.pop("dtype") or kwargs.get("torch_dtype")
         super().__init__(**kwargs)
-        generation = getattr(self, "generation_config", None)
-        if isinstance(generation, dict):
-            self.generation_config = GenerationConfig.from_dict(generation)
-        elif generation is None:
-            self.generation_config = GenerationConfig()
+        self.parse_obj()
 
     @property
     def torch_dtype(self):
         return self.dtype
 
+    @torch_dtype.setter
+    def torch_dtype(self, value):  # transformers 4.x's PretrainedConfig.__init__ assigns torch_dtype
+        self.dtype = value
+
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "BaseConfig":
         config_dict.update(kwargs)
         config = cls(**config_dict)
-        if getattr(config, "top_k", None) is None:
+        if "top_k" not in config_dict:
             config.top_k = 1000
         config.validate()
         return config
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, **kwargs) -> "BaseConfig":
+        """Checks the path and reads config.json locally; unlike ``from_dict`` it skips ``validate``."""
+        model_path = file_utils.standardize_path(model_path, check_link=False)
+        file_utils.check_path_permission(model_path)
+        return super().from_pretrained(model_path, local_files_only=True, **kwargs)
+
+    def parse_obj(self) -> None:
+        """``generation_config`` as the dataclass of the fields the framework keeps."""
+        generation = getattr(self, "generation_config", None)
+        if isinstance(generation, dict):
+            self.generation_config = GenerationConfig.from_dict(generation)
+        elif generation is None:
+            self.generation_config = GenerationConfig()
 
     def validate(self) -> None:
         if not self.max_position_embeddings:

@@ -1,4 +1,4 @@
-"""FlashForCausalLM: the model base class the runners drive (framework contract section 5).
+"""FlashForCausalLM: the model base class the runners drive (the forward contract: docs/DESIGN.md).
 
 The portable host keeps the attributes the runners read and none of the ATB graph machinery:
 plugin models implement ``forward`` themselves in PyTorch.
@@ -41,5 +41,5 @@ class FlashForCausalLM(nn.Module):
         self.is_multimodal = False
 
     def forward(self, input_ids, position_ids, is_prefill, kv_cache, block_tables, slots, input_lengths,
-                max_seq_len, lm_head_indices=None, **kwargs):
+                max_seq_len, lm_head_indices=None, reset=False, **kwargs):
         raise NotImplementedError

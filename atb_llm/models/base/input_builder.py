@@ -1,4 +1,4 @@
-"""InputBuilder: turns a conversation into token ids (framework contract section 4)."""
+"""InputBuilder: turns a conversation into token ids (MindIE's signature, tests/data/mindie_api_surface.json)."""
 from collections.abc import Iterable
 
 import numpy as np
@@ -20,10 +20,9 @@ class InputBuilder:
             raise ValueError("the tokenizer has no chat_template")
         return self._apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, **kwargs)
 
-    def _apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True,
-                             **kwargs) -> list[int]:
+    def _apply_chat_template(self, conversation: list[dict], **kwargs) -> list[int]:
         return list(self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=True))
+            conversation, add_generation_prompt=kwargs.get("add_generation_prompt", True), tokenize=True))
 
     @staticmethod
     def generate_position_ids(input_ids: np.ndarray) -> Iterable:

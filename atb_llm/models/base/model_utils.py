@@ -1,4 +1,4 @@
-"""Local-only loading helpers (framework contract section 12)."""
+"""Local-only loading helpers (MindIE's ``model_utils`` helpers)."""
 import re
 
 from transformers import AutoTokenizer

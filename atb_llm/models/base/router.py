@@ -1,5 +1,5 @@
 """BaseRouter: finds a model's config, tokenizer, input builder and model class by naming rules
-(framework contract section 2)."""
+(MindIE's ``BaseRouter``; docs/DESIGN.md section 2)."""
 import importlib
 import json
 import os

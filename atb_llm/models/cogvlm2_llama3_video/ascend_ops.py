@@ -28,10 +28,12 @@ def _torch_npu():
 def causal_mask(max_len: int, dtype: torch.dtype, device) -> torch.Tensor:
     """The prefill mask ``[max_len, max_len]`` the flash-attention operator takes: zero where a query may
     attend, and above the diagonal the masked value its kernels expect (a large negative bias for fp16,
-    1 as a flag for the other dtypes)."""
+    1 as a flag for the other dtypes). Built in fp32 and cast, so the fp16 bias saturates to -inf instead
+    of overflowing the fill."""
     masked = torch.ones(max_len, max_len, dtype=torch.bool, device=device).triu_(1)
     value = torch.finfo(torch.float32).min if dtype == torch.float16 else 1.0
-    return torch.zeros(max_len, max_len, dtype=dtype, device=device).masked_fill_(masked, value)
+    mask = torch.zeros(max_len, max_len, dtype=torch.float32, device=device).masked_fill_(masked, value)
+    return mask.to(dtype)
 
 
 class AscendOps:

@@ -58,17 +58,20 @@ class PortableOps:
 
         Written as two batched matmuls with the query heads grouped per KV head: with a one-token query,
         SDPA on CPU takes a slow masked path (measured ~10x slower than this at batch 8).
+        Slots past a sequence's context were never written (the cache is ``torch.empty``, as MindIE's): their
+        scores are masked and their values zeroed, since a masked probability of 0 times NaN is still NaN.
         """
         batch, heads, head_dim = q.shape
         max_blocks = block_tables.shape[1]
         block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
         length = max_blocks * block_size
+        padding = torch.arange(length, device=q.device).unsqueeze(0) >= context_lens.unsqueeze(1)  # [B, S]
         # [B, kv_heads, S, head_dim] gathered from the blocks of each sequence.
         keys = k_cache[block_tables].view(batch, length, kv_heads, head_dim).transpose(1, 2)
-        values = v_cache[block_tables].view(batch, length, kv_heads, head_dim).transpose(1, 2)
+        values = v_cache[block_tables].view(batch, length, kv_heads, head_dim)
+        values = values.masked_fill_(padding.view(batch, length, 1, 1), 0).transpose(1, 2)
         grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
         scores = torch.matmul(grouped, keys.transpose(2, 3).to(q.dtype)).float() * scale  # [B, kv, group, S]
-        padding = torch.arange(length, device=q.device).unsqueeze(0) >= context_lens.unsqueeze(1)
         scores.masked_fill_(padding.view(batch, 1, 1, length), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         return torch.matmul(probs, values.to(q.dtype)).view(batch, heads, head_dim)

@@ -1,4 +1,4 @@
-"""FlashCogvlm2_llama3_videoForCausalLM: the paged forward of DESIGN.md's contract.
+"""FlashCogvlm2_llama3_videoForCausalLM: the paged forward contract of docs/DESIGN.md section 3.
 
 Video reaches prefill either as per-sequence ``pixel_values`` / ``vision_embeds`` keyword lists
 (direct path) or as shared-memory codes inside the vision slots of ``input_ids`` (service path).
@@ -26,6 +26,9 @@ _VISUAL_EXPERT_MARKERS = ("vision_expert", "vision_mlp")
 def check_checkpoint(config, weights) -> None:
     """Refuse a checkpoint that is not this model: visual-expert tensors, a missing tensor or a
     shape mismatch, each named."""
+    if getattr(config, "quantize", None):
+        raise ValueError(f"quantize={config.quantize!r}: this model is served from its bf16/fp16 checkpoint; "
+                         "quantized weights are not supported")
     foreign = sorted(name for name in weights.routing if any(m in name for m in _VISUAL_EXPERT_MARKERS))
     if foreign:
         raise ValueError(f"the checkpoint has visual-expert tensors (e.g. {foreign[0]}): it is a CogVLM2 image "

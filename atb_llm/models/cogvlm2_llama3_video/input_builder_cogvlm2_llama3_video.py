@@ -1,4 +1,4 @@
-"""Prompt, token layout and position ids of cogvlm2-video-llama3-chat (MODEL.md sections 4 and 5)."""
+"""Prompt, token layout and position ids of cogvlm2-video-llama3-chat (docs/MODEL.md sections 4 and 5)."""
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -161,27 +161,32 @@ class Cogvlm2_llama3_videoInputBuilder(InputBuilder):
         return vision_aware_positions((ids == self.pad_token_id) | (ids < 0))
 
 
-def write_pixels_to_shm(pixels: torch.Tensor, shm_name_save_path: str) -> tuple[int, int]:
+def write_pixels_to_shm(pixels: torch.Tensor | np.ndarray, shm_name_save_path: str) -> tuple[int, int]:
     """Frames as contiguous float32 in a new shared-memory segment -> (name code, shape code).
 
     Only the framework's shm_utils names (create_shm and the encoders): the segment's name is appended to
     ``shm_name_save_path``, whose owner releases it (``release_shared_memory``) when the request ends.
     """
-    array = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())
+    if isinstance(pixels, torch.Tensor):
+        pixels = pixels.detach().to("cpu", torch.float32).numpy()
+    array = np.ascontiguousarray(pixels, dtype=np.float32)
     shape_code = shm_utils.encode_shape_to_int64(list(array.shape))  # validate before creating anything
-    shm = shm_utils.create_shm(max(array.nbytes, 1), shm_name_save_path)
+    shm = shm_utils.create_shm(max(array.nbytes, 1), shm_name_save_path)  # a segment cannot be empty
     try:
         name_code = shm_utils.encode_shm_name_to_int64(shm.name)
         view = np.ndarray(array.shape, dtype=np.float32, buffer=shm.buf)
         view[...] = array
-        del view
-    finally:
+        del view  # it exports shm.buf, which close() refuses while a view lives
+    except BaseException:
         shm.close()
+        shm.unlink()  # nobody will read a half-written segment: never leave it behind
+        raise
+    shm.close()
     return name_code, shape_code
 
 
 def vision_aware_positions(vision_mask: np.ndarray) -> np.ndarray:
-    """CogVLM position ids (MODEL.md section 5) from a vision-slot mask.
+    """CogVLM position ids (docs/MODEL.md section 5) from a vision-slot mask.
 
     The first and last token of every vision run count as language; a language token advances the
     position, and so does the first vision token after a language token; other vision tokens repeat it.

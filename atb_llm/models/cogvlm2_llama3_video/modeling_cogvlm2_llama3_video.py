@@ -1,5 +1,5 @@
 """Torch modules of cogvlm2-video-llama3-chat: the EVA2-CLIP vision tower with its adapter
-(MODEL.md section 2) and the Llama-3 decoder over a paged KV cache (section 6).
+(docs/MODEL.md section 2) and the Llama-3 decoder over a paged KV cache (section 6).
 
 Every module loads its tensors from ``Weights`` by explicit name; the LM linears are
 tensor-parallel (column / row) and the vision tower is replicated on every rank.
@@ -241,7 +241,8 @@ class LlamaAttention(nn.Module):
             weights, f"{prefix}.language_expert_query_key_value.weight", config.num_attention_heads, kv_heads,
             self.head_dim))
         self.dense = RowParallelLinear(
-            weights.get_multi_weights_row(f"{prefix}.language_expert_dense"), _tp_group(weights))
+            weights.get_multi_weights_row(f"{prefix}.language_expert_dense", quantize=config.quantize),
+            _tp_group(weights))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -262,15 +263,17 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, weights, prefix: str):
+    def __init__(self, config, weights, prefix: str):
         super().__init__()
-        self.gate_proj = ColumnParallelLinear(weights.get_multi_weights_col([f"{prefix}.gate_proj"]))
-        self.up_proj = ColumnParallelLinear(weights.get_multi_weights_col([f"{prefix}.up_proj"]))
-        self.down_proj = RowParallelLinear(weights.get_multi_weights_row(f"{prefix}.down_proj"),
-                                           _tp_group(weights))
+        # gate and up in one matmul: each rank's rows are [its gate shard; its up shard].
+        self.gate_up_proj = ColumnParallelLinear(weights.get_multi_weights_col(
+            [f"{prefix}.gate_proj", f"{prefix}.up_proj"], quantize=config.quantize, dim=0))
+        self.down_proj = RowParallelLinear(
+            weights.get_multi_weights_row(f"{prefix}.down_proj", quantize=config.quantize), _tp_group(weights))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -282,7 +285,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, weights, f"{prefix}.self_attn", ops)
         self.post_attention_layernorm = RMSNorm(weights, f"{prefix}.post_attention_layernorm",
                                                 config.rms_norm_eps, ops)
-        self.mlp = LlamaMLP(weights, f"{prefix}.mlp.language_mlp")
+        self.mlp = LlamaMLP(config, weights, f"{prefix}.mlp.language_mlp")
 
     def forward(self, h, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta)
@@ -318,7 +321,7 @@ class VocabParallelHead(nn.Module):
 
 
 def checkpoint_tensor_shapes(config) -> dict:
-    """Every tensor of the HF checkpoint with its shape (MODEL.md section 1)."""
+    """Every tensor of the HF checkpoint with its shape (docs/MODEL.md section 1)."""
     hidden, inter = config.hidden_size, config.intermediate_size
     head_dim = hidden // config.num_attention_heads
     qkv_rows = hidden + 2 * config.num_multi_query_heads * head_dim
