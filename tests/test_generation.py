@@ -24,6 +24,7 @@ def text_request(runner, text, **sampling):
     return runner.prepare_conversation([{"role": "user", "content": text}], SamplingParams(**sampling))
 
 
+@pytest.mark.parity
 def test_seeded_sampling_is_reproducible_and_batch_invariant(runner):
     params = dict(max_new_tokens=12, temperature=1.5, top_k=50, top_p=0.95, seed=1234, ignore_eos=True)
     alone = text_request(runner, "Tell me a story.", **params)
@@ -46,6 +47,7 @@ def test_greedy_does_not_depend_on_seed(runner):
     assert a.output_ids == b.output_ids == c.output_ids
 
 
+@pytest.mark.parity
 def test_stop_string_cuts_the_text(runner):
     free = text_request(runner, "Say something", max_new_tokens=20, temperature=0.0, ignore_eos=True)
     runner.run([free])
@@ -62,6 +64,7 @@ def test_stop_string_cuts_the_text(runner):
     assert len(stopped.output_ids) < 20
 
 
+@pytest.mark.parity
 def test_stop_token_ids_and_max_new_tokens(runner):
     free = text_request(runner, "Count", max_new_tokens=10, temperature=0.0, ignore_eos=True)
     runner.run([free])
@@ -116,6 +119,7 @@ def test_max_prefill_tokens_splits_prefill_batches(chat_model_dir):
 
 
 @pytest.mark.parametrize("storage", [torch.float16, torch.float32])
+@pytest.mark.parity
 def test_checkpoint_storage_dtypes(tmp_path, storage, video_3_frames):
     model_dir = make_demo_checkpoint(str(tmp_path / str(storage)), seed=5, shards=1, dtype=storage)
     for compute in ("float32", "bfloat16"):
@@ -128,6 +132,7 @@ def test_checkpoint_storage_dtypes(tmp_path, storage, video_3_frames):
         assert request.error is None and len(request.output_ids) == 3
 
 
+@pytest.mark.parity
 def test_float16_on_cpu_computes_in_bfloat16(chat_model_dir):
     runner = make_runner(chat_model_dir, dtype="float16")
     assert runner.model.dtype == torch.bfloat16
@@ -207,6 +212,7 @@ def test_runner_input_file_conversations(chat_model_dir, video_3_frames, tmp_pat
     assert bad["finish_reason"] == "error" and "unsupported role 'tool'" in bad["error"]
 
 
+@pytest.mark.parity
 def test_logprobs_are_the_models_distribution(runner):
     request = text_request(runner, "Hello", max_new_tokens=4, temperature=0.0, ignore_eos=True, logprobs=3)
     plain = text_request(runner, "Hello", max_new_tokens=4, temperature=0.0, ignore_eos=True)
@@ -230,6 +236,7 @@ def test_logprobs_are_the_models_distribution(runner):
     assert all(o.logprobs is None for o in outputs if o.request_id == plain.request_id)
 
 
+@pytest.mark.parity
 def test_identical_prompts_are_prefilled_once(runner, video_3_frames):
     """The n sequences of one request share one prefill; each still samples with its own seed."""
     def request(seed):

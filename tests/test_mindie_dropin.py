@@ -1,5 +1,5 @@
-"""The plugin is a true drop-in for MindIE-LLM: it imports only what DESIGN.md allows, its classes resolve by
-MindIE's naming rules (MINDIE_CONTRACT.md sections 1-2), and install_into_mindie.sh puts it where get_model
+"""The plugin is a true drop-in for MindIE-LLM: it imports only what docs/DESIGN.md allows, its classes resolve
+by MindIE's naming rules (docs/DESIGN.md section 2), and install_into_mindie.sh puts it where get_model
 looks."""
 import ast
 import dataclasses
@@ -19,7 +19,7 @@ PLUGIN_DIR = os.path.join(REPO, "atb_llm", "models", MODEL_TYPE)
 INSTALL = os.path.join(REPO, "examples", "models", MODEL_TYPE, "install_into_mindie.sh")
 
 THIRD_PARTY = {"torch", "numpy", "transformers", "safetensors", "einops", "decord", "av"}
-# Framework names the plugin may use (DESIGN.md): module -> importable names (None: the module itself
+# Framework names the plugin may use (docs/DESIGN.md section 2): module -> importable names (None: the module itself
 # may be imported, and then only these attributes used on it).
 FRAMEWORK = {
     "atb_llm.models.base.router": {"BaseRouter"},
@@ -33,8 +33,8 @@ FRAMEWORK = {
     "atb_llm.utils.log": {"logger", "print_log"},
     "atb_llm.utils.file_utils": {"standardize_path", "check_path_permission", "safe_open"},
 }
-# What the plugin may touch on a Weights object: DESIGN.md's methods, plus the attributes that
-# MINDIE_CONTRACT.md section 8 documents on the framework's Weights (device, dtype, routing, get_shape).
+# What the plugin may touch on a Weights object: the methods docs/DESIGN.md section 2 lists, plus the
+# attributes the framework's Weights also has (device, dtype, routing, get_shape).
 WEIGHTS_API = {"get_tensor", "get_sharded", "get_partial_sharded", "get_multi_weights_col", "get_multi_weights_row",
                "get_replicated_weights", "process_group", "device", "dtype", "routing", "get_shape"}
 
@@ -92,19 +92,19 @@ def import_violations(filename: str, tree: ast.Module) -> list[str]:
                 full = f"{module}.{name}" if name else module
                 if name and module in FRAMEWORK:
                     if name not in FRAMEWORK[module]:
-                        problems.append(f"{where}: {module}.{name} is not a framework name DESIGN.md allows")
+                        problems.append(f"{where}: {module}.{name} is not a framework name docs/DESIGN.md allows")
                 elif full in FRAMEWORK:  # a whole framework module, e.g. from atb_llm.utils import shm_utils
                     framework_aliases[asname or (name or module.split(".")[-1])] = full
                 else:
-                    problems.append(f"{where}: {full} is not a framework name DESIGN.md allows")
+                    problems.append(f"{where}: {full} is not a framework name docs/DESIGN.md allows")
             elif root not in THIRD_PARTY and root not in sys.stdlib_module_names:
                 problems.append(f"{where}: {module} is not an allowed dependency")
     for node in ast.walk(tree):  # attributes used on imported framework modules
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in framework_aliases:
             module = framework_aliases[node.value.id]
             if node.attr not in FRAMEWORK[module]:
-                problems.append(f"{filename}:{node.lineno}: {module}.{node.attr} is not a framework name DESIGN.md "
-                                "allows")
+                problems.append(f"{filename}:{node.lineno}: {module}.{node.attr} is not a framework name "
+                                "docs/DESIGN.md allows")
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "weights"
                 and node.attr not in WEIGHTS_API):
             problems.append(f"{filename}:{node.lineno}: Weights.{node.attr} is not in the framework's Weights API")
@@ -248,6 +248,41 @@ def test_install_into_mindie_tree(tmp_path, chat_model_dir, video_3_frames):
     assert not os.path.exists(marker)  # a forced install replaces the folder
 
 
+# MindIE-LLM's own requirements file for this model, as it ships (its av line is malformed).
+MINDIE_REQUIREMENTS = ("torch==2.9.0\ntorchvision==0.24.0\ntransformers==4.42.4\npytorchvideo==0.1.5\npillow==10.4.0\n"
+                       "einops==0.8.0\nav=14.0.1\n")
+
+
+def test_install_keeps_mindie_requirements_and_reports_what_to_add(tmp_path):
+    tree = mindie_like_tree(str(tmp_path))
+    path = os.path.join(tree, "requirements", "models", "requirements_cogvlm2_video_llama3_chat.txt")
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as file:
+        file.write(MINDIE_REQUIREMENTS.encode())
+    done = run_install(tree)
+    assert done.returncode == 0, done.stderr
+    with open(path, "rb") as file:
+        assert file.read() == MINDIE_REQUIREMENTS.encode()  # kept byte-for-byte
+    assert os.path.isfile(os.path.join(tree, "atb_llm", "models", MODEL_TYPE, f"router_{MODEL_TYPE}.py"))
+    report = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith("    ")}
+    for package in ("decord", "safetensors", "tokenizers", "numpy"):  # ours, absent from MindIE's file
+        assert any(r.startswith(package) and "missing" in report[r] for r in report), done.stdout
+    assert any(r.startswith("av") and "av=14.0.1" in report[r] for r in report), done.stdout
+    assert not any(r.startswith(("transformers", "einops")) for r in report), done.stdout  # MindIE's pins fit
+    assert "pip install" in done.stdout and "'decord==0.6.0'" in done.stdout
+
+    # A pin outside our ranges is reported too; a --force reinstall still keeps the file.
+    with open(path, "w") as file:
+        file.write("transformers==4.30.0\neinops==0.8.0\nsafetensors\ntokenizers==0.19.1\nnumpy==1.26.4\n"
+                   "decord==0.6.0\nav==14.0.1\n")
+    again = run_install(tree, "--force")
+    assert again.returncode == 0, again.stderr
+    lines = [line for line in again.stdout.splitlines() if line.startswith("    ")]
+    assert len(lines) == 1 and "transformers==4.30.0" in lines[0] and "outside our range" in lines[0], again.stdout
+    with open(path) as file:
+        assert file.read().startswith("transformers==4.30.0")
+
+
 def test_install_refuses_other_directories(tmp_path):
     assert run_install(str(tmp_path)).returncode != 0  # no atb_llm/models, no examples
     assert "MindIE" in run_install(str(tmp_path)).stderr
@@ -255,6 +290,7 @@ def test_install_refuses_other_directories(tmp_path):
     assert run_install().returncode != 0
 
 
+@pytest.mark.parity
 def test_service_path_shm_codes_round_trip(chat_model_dir, video_6_frames, tmp_path):
     """router.tokenize writes the frames with the framework's shm names only; the codes read them back."""
     import numpy as np
@@ -280,7 +316,7 @@ SHIPPED_RUNTIME = {f"atb_llm.runner.{m}" for m in RUNTIME_MODULES}
 
 def shipped_import_violations(path: str) -> list[str]:
     """Imports a shipped runtime or example module may not make inside a MindIE tree: atb_llm names other
-    than the framework's (DESIGN.md, plus ModelRunner), the plugin and the shipped runtime; and any
+    than the framework's (docs/DESIGN.md, plus ModelRunner), the plugin and the shipped runtime; and any
     ``examples.*`` module outside this model's folder (MindIE's shared runners differ from ours)."""
     with open(path, encoding="utf-8") as file:
         tree = ast.parse(file.read(), filename=path)
