@@ -152,7 +152,7 @@ def test_pyav_timestamps_match_decord(videos):
     for path in videos.values():
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         ref = reader.get_frame_timestamp(range(len(reader)))[:, 0]
-        pts, timestamps, fps, pts_valid = vp._pyav_index(path)
+        pts, timestamps, fps, pts_valid = vp._pyav_index(path, vp.probe_video(path), vp.MAX_VIDEO_PIXELS)
         assert pts_valid and len(pts) == len(reader)
         np.testing.assert_array_equal(timestamps, ref)
         assert fps == reader.get_avg_fps()

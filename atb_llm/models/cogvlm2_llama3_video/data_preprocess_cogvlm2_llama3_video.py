@@ -22,6 +22,11 @@ SUPPORTED_VIDEO_EXTENSIONS: tuple[str, ...] = (
     ".mp4", ".avi", ".wmv", ".mkv", ".mov", ".webm", ".flv", ".m4v",
 )
 MAX_VIDEO_BYTES = 512 * 1024 * 1024
+# Decoded frames are width x height x 3 bytes each; 4K (3840 x 2160) fits, 8K does not.
+MAX_VIDEO_PIXELS = 3840 * 2160
+MAX_ASPECT_RATIO = 16  # resizing the short side to 224 makes the long side 224 x this at most
+MAX_VIDEO_SECONDS = 4 * 3600
+MAX_VIDEO_PACKETS = 1_000_000  # the index holds one pts per packet
 NUM_FRAMES = 24
 IMAGE_SIZE = 224
 
@@ -114,6 +119,72 @@ def _check_file(path: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Container check: what FFmpeg may open, decided before any decoder sees the file
+# --------------------------------------------------------------------------------------------
+
+def sniff_container(head: bytes) -> str | None:
+    """The FFmpeg demuxer for a file starting with ``head`` (at least 12 bytes, 512 for MPEG-TS), or None.
+
+    Only self-contained video containers qualify. Text formats that make FFmpeg open other files or URLs
+    (HLS playlists, ffconcat lists, SDP, image sequences ...) never match, because each accepted signature
+    sits at byte 0, where none of those can start. ``None`` means "not a video we read".
+    """
+    if len(head) >= 12 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return "mov"  # ISO BMFF: mp4, mov, m4v, 3gp
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "matroska"  # also webm
+    if head.startswith(b"RIFF") and head[8:12] == b"AVI ":
+        return "avi"
+    if head.startswith(bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")):
+        return "asf"  # wmv
+    if head.startswith(b"FLV\x01"):
+        return "flv"
+    if len(head) >= 377 and head[0] == head[188] == head[376] == 0x47:
+        return "mpegts"
+    if head.startswith(b"\x00\x00\x01\xba"):
+        return "mpeg"  # program stream
+    return None
+
+
+def _demuxer_of(path: str) -> str:
+    with open(path, "rb") as file:
+        head = file.read(512)
+    demuxer = sniff_container(head)
+    if demuxer is None:
+        raise VideoError(f"cannot open video {path!r}: its content is not a video container we read "
+                         "(mp4/mov, mkv/webm, avi, wmv, flv, mpeg-ts/ps); corrupt, truncated or not a video")
+    return demuxer
+
+
+# The mov demuxer can follow "data references" to other files; FFmpeg keeps that off by default, and we say so.
+_DEMUXER_OPTIONS = {"mov": {"enable_drefs": "0", "use_absolute_path": "0"}}
+
+
+def _open_container(file, demuxer: str):
+    """PyAV over an already open file object with the demuxer forced: FFmpeg reads this one file through
+    our handle, never probes another format, and parses no path or protocol of its own."""
+    import av
+
+    return av.open(file, mode="r", format=demuxer, options=dict(_DEMUXER_OPTIONS.get(demuxer, {})))
+
+
+def check_video_stream(path: str, width: int, height: int, seconds: float | None,
+                       max_pixels: int = MAX_VIDEO_PIXELS) -> None:
+    """Refuse, before decoding, frames too large for memory and metadata no real clip has."""
+    if width < 1 or height < 1:
+        raise VideoError(f"video stream of {path!r} declares no frame size ({width}x{height})")
+    if width * height > max_pixels:
+        raise VideoError(f"video frames of {path!r} are {width}x{height} = {width * height} pixels, more than "
+                         f"the limit of {max_pixels}")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise VideoError(f"video frames of {path!r} are {width}x{height}: an aspect ratio above "
+                         f"{MAX_ASPECT_RATIO}:1 is not a video frame")
+    if seconds is not None and not 0 <= seconds <= MAX_VIDEO_SECONDS:
+        raise VideoError(f"video {path!r} declares a duration of {seconds:.0f} s; the limit is "
+                         f"{MAX_VIDEO_SECONDS} s")
+
+
+# --------------------------------------------------------------------------------------------
 # decord backend
 # --------------------------------------------------------------------------------------------
 
@@ -159,7 +230,38 @@ def _iter_decoded(container, stream) -> Iterator:
     yield from container.decode(stream)
 
 
-def _pyav_index(path: str) -> tuple[list[int], np.ndarray, float, bool]:
+def _checked_stream(path: str, container, max_pixels: int):
+    """The first video stream, after ``check_video_stream`` on what the container declares."""
+    if not container.streams.video:
+        raise VideoError(f"file has no video stream: {path!r}")
+    stream = container.streams.video[0]
+    seconds = None
+    if stream.duration is not None and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / 1_000_000
+    check_video_stream(path, stream.codec_context.width, stream.codec_context.height, seconds, max_pixels)
+    return stream
+
+
+def probe_video(path: str, max_pixels: int = MAX_VIDEO_PIXELS) -> str:
+    """Check a video before any decoder reads it: a self-contained container by content, a video stream
+    whose frames fit ``max_pixels``. Returns the demuxer name. Raises :class:`VideoError`."""
+    import av
+
+    demuxer = _demuxer_of(path)
+    try:
+        with open(path, "rb") as file, _open_container(file, demuxer) as container:
+            _checked_stream(path, container, max_pixels)
+    except VideoError:
+        raise
+    except (av.FFmpegError, EOFError, OSError, ValueError) as exc:
+        raise VideoError(f"cannot open video {path!r} (corrupt, truncated or not a video): "
+                         f"{_first_line(exc)}") from exc
+    return demuxer
+
+
+def _pyav_index(path: str, demuxer: str, max_pixels: int) -> tuple[list[int], np.ndarray, float, bool]:
     """Frame index of the first video stream, like decord builds it: one frame per packet.
 
     Returns the packets' pts sorted (frame ``i`` is the ``i``-th in presentation order), each
@@ -167,17 +269,15 @@ def _pyav_index(path: str) -> tuple[list[int], np.ndarray, float, bool]:
     the pts are real (else frames are counted in packet order). Demuxing reads packets without
     decoding them, so indexing even a long file is cheap.
     """
-    import av
-
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise VideoError(f"file has no video stream: {path!r}")
-        stream = container.streams.video[0]
+    with open(path, "rb") as file, _open_container(file, demuxer) as container:
+        stream = _checked_stream(path, container, max_pixels)
         pts: list[int | None] = []
         for packet in container.demux(stream):
             if packet.pts is None and packet.dts is None and packet.size == 0:
                 continue  # PyAV's trailing empty flush packet, not a frame
             pts.append(packet.pts if packet.pts is not None else packet.dts)
+            if len(pts) > MAX_VIDEO_PACKETS:
+                raise VideoError(f"video {path!r} has more than {MAX_VIDEO_PACKETS} frames")
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
         start = stream.start_time
         time_base = float(stream.time_base) if stream.time_base else 0.0
@@ -196,12 +296,12 @@ def _pyav_index(path: str) -> tuple[list[int], np.ndarray, float, bool]:
     return pts, (rel * time_base).astype(np.float32), fps, True
 
 
-def _load_with_pyav(path: str, template: str, num_frames: int) -> np.ndarray:
+def _load_with_pyav(path: str, template: str, num_frames: int, demuxer: str, max_pixels: int) -> np.ndarray:
     """[T, H, W, 3] uint8 via PyAV, decoding only up to the last chosen frame."""
     import av
 
     try:
-        pts, timestamps, fps, pts_valid = _pyav_index(path)
+        pts, timestamps, fps, pts_valid = _pyav_index(path, demuxer, max_pixels)
         ids = choose_frame_ids(timestamps, _usable_fps(fps, timestamps), len(pts), template,
                                num_frames)
         wanted, last = set(ids), max(ids)
@@ -210,7 +310,7 @@ def _load_with_pyav(path: str, template: str, num_frames: int) -> np.ndarray:
             for i, p in enumerate(pts):
                 index_of_pts.setdefault(p, i)  # first frame wins on duplicate pts
         got: dict[int, np.ndarray] = {}
-        with av.open(path) as container:
+        with open(path, "rb") as file, _open_container(file, demuxer) as container:
             stream = container.streams.video[0]
             position = 0
             for frame in _iter_decoded(container, stream):
@@ -219,6 +319,9 @@ def _load_with_pyav(path: str, template: str, num_frames: int) -> np.ndarray:
                 index = index_of_pts.get(frame.pts, position)
                 position = index + 1
                 if index in wanted and index not in got:
+                    if frame.width * frame.height > max_pixels:  # a stream may change size midway
+                        raise VideoError(f"a frame of {path!r} is {frame.width}x{frame.height}, more than "
+                                         f"{max_pixels} pixels")
                     rgb = frame.to_ndarray(format="rgb24")
                     got[index] = _upright(rgb, getattr(frame, "rotation", 0))
                 if index >= last or len(got) == len(wanted):
@@ -254,11 +357,13 @@ def load_video_frames(
     template: str = "chat",
     num_frames: int = NUM_FRAMES,
     backend: str | None = None,
+    max_pixels: int = MAX_VIDEO_PIXELS,
 ) -> torch.Tensor:
     """Decode the chosen frames of ``path`` as a uint8 ``[C, T, H, W]`` tensor.
 
-    ``backend=None`` tries decord and falls back to PyAV when decord is missing or fails;
-    ``"decord"`` / ``"pyav"`` force one. Unusable input raises :class:`VideoError`.
+    First :func:`probe_video`: the file must be a self-contained container by its content, with frames of
+    at most ``max_pixels``. ``backend=None`` tries decord and falls back to PyAV when decord is missing or
+    fails; ``"decord"`` / ``"pyav"`` force one. Unusable input raises :class:`VideoError`.
     """
     _check_template(template)
     if num_frames < 1:
@@ -267,6 +372,12 @@ def load_video_frames(
         raise ValueError(f"unknown video backend {backend!r}; expected None or one of {_BACKENDS}")
     _check_file(path)
     path = os.fspath(path)
+    # decord probes formats itself (an HLS playlist would make it open other files): it only ever sees a
+    # file this check has proven to be a self-contained container.
+    try:
+        demuxer = probe_video(path, max_pixels)
+    except ImportError as exc:
+        raise RuntimeError("PyAV (av) is required to check videos before decoding") from exc
 
     frames: np.ndarray | None = None
     if backend in (None, "decord"):
@@ -282,7 +393,7 @@ def load_video_frames(
             logger.debug("decord failed, falling back to PyAV: %s", exc)
     if frames is None:
         try:
-            frames = _load_with_pyav(path, template, num_frames)
+            frames = _load_with_pyav(path, template, num_frames, demuxer, max_pixels)
         except ImportError as exc:
             raise RuntimeError("no video backend: install decord or av (PyAV)") from exc
     # [T, H, W, C] -> [C, T, H, W], the layout the reference transform expects.
@@ -327,9 +438,10 @@ def load_video(
     template: str = "chat",
     num_frames: int = NUM_FRAMES,
     backend: str | None = None,
+    max_pixels: int = MAX_VIDEO_PIXELS,
 ) -> torch.Tensor:
     """Model-ready float32 ``[T, 3, 224, 224]`` frames of ``path``."""
-    return transform_frames(load_video_frames(path, template, num_frames, backend))
+    return transform_frames(load_video_frames(path, template, num_frames, backend, max_pixels))
 
 
 # --------------------------------------------------------------------------------------------

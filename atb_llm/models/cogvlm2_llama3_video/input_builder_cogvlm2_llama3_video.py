@@ -8,7 +8,7 @@ import torch
 
 from atb_llm.models.base.input_builder import InputBuilder
 from atb_llm.models.cogvlm2_llama3_video.config_cogvlm2_llama3_video import TEMPLATES, VISION_TOKENS_PER_FRAME
-from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import load_video
+from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import MAX_VIDEO_PIXELS, load_video
 from atb_llm.utils import shm_utils
 
 ANSWER_ROLES = ("assistant", "system")  # the seed's multi-turn example sends earlier answers as "system"
@@ -102,6 +102,9 @@ def prompt_text(query: str, history: list[tuple[str, str]], template: str) -> st
 
 
 class Cogvlm2_llama3_videoInputBuilder(InputBuilder):
+    # Frames larger than this are refused before decoding (a host serving untrusted video may lower it).
+    max_video_pixels: int = MAX_VIDEO_PIXELS
+
     def __init__(self, tokenizer, config, **kwargs):
         super().__init__(tokenizer, max_length=config.max_position_embeddings, **kwargs)
         if config.template_version not in TEMPLATES:
@@ -133,7 +136,7 @@ class Cogvlm2_llama3_videoInputBuilder(InputBuilder):
         return ids + self.encode_text(prompt_text(query, history, self.template))
 
     def load_video(self, path: str):
-        return load_video(path, template=self.template)
+        return load_video(path, template=self.template, max_pixels=self.max_video_pixels)
 
     def prepare(self, conversation: list[dict]) -> tuple[list[int], torch.Tensor | None, str | None]:
         """Direct path: (ids with pad-id vision slots, the video's frames or None, the video path)."""
