@@ -16,10 +16,13 @@ import time
 
 import uvicorn
 
+from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import MAX_VIDEO_PIXELS
 from atb_llm.utils.dist import destroy_distributed
-from service.app import BodyLimit, create_app
+from service.app import HttpGuard, create_app
 from service.core import Service, ServiceConfig, demo_media_dir, follow
+from service.http_protocol import protocol_class
 from service.media import DEFAULT_MEDIA_DIR
+from service.runtime import sweep_stale_resources
 
 DEFAULT_NAMES = ["cogvlm2_llama3_video", "cogvlm2"]
 
@@ -50,10 +53,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--max-body-mb", type=int, default=40, help="request body limit (MindIE maxRequestLength)")
+    p.add_argument("--max-video-pixels", type=int, default=MAX_VIDEO_PIXELS,
+                   help="largest decoded frame, width x height (default 3840 x 2160): bigger videos are refused "
+                        "before decoding")
     p.add_argument("--tokenizer-workers", type=int, default=2, help="threads decoding videos")
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel world size: relaunches under torchrun with that many processes; rank 0 "
                         "serves HTTP and schedules, the others follow its batches (default: WORLD_SIZE, else 1)")
+    hardening = p.add_argument_group("limits and access (README.md, Service, Hardening)")
+    hardening.add_argument("--max-text-bytes", type=int, default=None,
+                           help="UTF-8 bytes of prompt text a request may carry, refused (422) before tokenizing "
+                                "(default: 64 x the input limit in tokens)")
+    hardening.add_argument("--header-timeout", type=float, default=10.0,
+                           help="seconds a connection has to send a complete request head, from its accept or its "
+                                "previous response; then it is closed (408 if a partial head arrived)")
+    hardening.add_argument("--body-timeout", type=float, default=30.0,
+                           help="seconds the whole declared request body has to arrive once its head did (else 408)")
+    hardening.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                           help="seconds an idle keep-alive connection stays open")
+    hardening.add_argument("--max-connections", type=int, default=1000,
+                           help="open connections; one more is answered 503 at once and closed (MindIE maxLinkNum; "
+                                "0 = unlimited)")
+    hardening.add_argument("--api-key", default=os.environ.get("COGVLM2_API_KEY") or None,
+                           help="require 'Authorization: Bearer KEY' on every route but the health probes (401 "
+                                "otherwise; default: env COGVLM2_API_KEY, else no key)")
+    hardening.add_argument("--enable-debug-routes", action="store_true",
+                           help="serve GET /debug/resources (KV blocks, shared memory; not in MindIE)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -70,9 +95,16 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         logging.getLogger("service").info(f"no --model_path: serving the embedded demo checkpoint {model_path}; "
                                           f"demo video {video}")
     for name in ("max_batch_size", "max_input_length", "max_seq_len", "max_iter_times", "block_size",
-                 "max_body_mb", "tokenizer_workers"):
+                 "max_body_mb", "tokenizer_workers", "max_video_pixels"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer")
+    for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    if args.max_text_bytes is not None and args.max_text_bytes < 1:
+        raise SystemExit("--max-text-bytes must be a positive integer")
+    if args.max_connections < 0:
+        raise SystemExit("--max-connections must be 0 (unlimited) or a positive integer")
     return ServiceConfig(
         model_path=model_path, served_model_names=args.served_model_names or list(DEFAULT_NAMES),
         allowed_media_dirs=allowed or [DEFAULT_MEDIA_DIR], max_batch_size=args.max_batch_size,
@@ -80,7 +112,22 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         max_seq_len=args.max_seq_len, max_iter_times=args.max_iter_times, max_queue=max(0, args.max_queue),
         request_timeout=args.request_timeout, block_size=args.block_size, num_blocks=args.num_blocks,
         dtype=args.dtype, device=args.device, max_body_mb=args.max_body_mb,
-        tokenizer_workers=args.tokenizer_workers)
+        tokenizer_workers=args.tokenizer_workers, max_text_bytes=args.max_text_bytes,
+        max_video_pixels=args.max_video_pixels)
+
+
+def _raise_open_file_limit(max_connections: int) -> None:
+    """Room for --max-connections sockets beside the model's files: the soft descriptor limit is often 1024."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = max_connections + 512 if max_connections else hard
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard),
+                                                        hard))
+    except (ImportError, ValueError, OSError) as error:
+        logging.getLogger("service").warning(f"could not raise the open-file limit: {error}")
 
 
 class _Server(uvicorn.Server):
@@ -128,6 +175,7 @@ def supervise_workers(nproc: int, argv: list[str]) -> int:
     while True:
         codes = [p.poll() for p in procs]
         if all(code is not None for code in codes):
+            sweep_stale_resources()  # what a killed rank 0 left: its shared memory and temp files
             return 0 if all(code == 0 for code in codes) else 1
         failed = any(code not in (None, 0) for code in codes)
         overdue = stop_requested and time.monotonic() - stop_requested[0] > 30
@@ -147,6 +195,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] "
                                                               "[%(name)s] %(message)s")
+    if os.environ.get("RANK", "0") == "0":  # a server, rank 0 or a supervisor (followers make no temp files)
+        sweep_stale_resources()  # shared memory and temp files of servers that died without cleaning up
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.tp is not None:
         if args.tp < 1:
@@ -166,9 +216,13 @@ def main(argv=None) -> int:
         service = Service(config)
     except (ValueError, OSError, NotImplementedError) as error:
         build_parser().error(str(error))
-    app = BodyLimit(create_app(service), service.config.max_body_mb)
+    app = HttpGuard(create_app(service, debug_routes=args.enable_debug_routes), service.config.max_body_mb,
+                    body_timeout=args.body_timeout, api_key=args.api_key)
+    _raise_open_file_limit(args.max_connections)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
-                            timeout_graceful_shutdown=5, access_log=False)
+                            timeout_graceful_shutdown=5, access_log=False,
+                            http=protocol_class(args.header_timeout), timeout_keep_alive=args.keep_alive_timeout,
+                            limit_concurrency=args.max_connections or None)
     server = _Server(config, service)
     # uvicorn re-raises the captured signal once it has shut down; a no-op handler makes that exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

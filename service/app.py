@@ -1,9 +1,12 @@
 """HTTP routes: vLLM, TGI, Triton and OpenAI wire formats over one ``Service`` (docs/SERVICE_API.md)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -12,10 +15,19 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core import GenerationTimeout, Handle, Service, utf16_len
-from service.errors import GENERATE_PARSE_ERROR, JSON_PARSE_ERROR, TOKEN_LIMIT, ApiError, invalid
+from service.errors import (
+    GENERATE_PARSE_ERROR,
+    JSON_PARSE_ERROR,
+    TOKEN_LIMIT,
+    ApiError,
+    internal_error,
+    invalid,
+    new_error_id,
+)
 from service.media import first_text
 from service.params import (
     TRITON_ID,
+    BodyError,
     check_openai_model,
     get,
     loads_json,
@@ -58,41 +70,78 @@ def empty_response(status: int = 200) -> Response:
     return Response(b"", status_code=status, headers={"Connection": "close"})
 
 
-class BodyLimit:
-    """413 with the spec's body for requests larger than the limit (checked while reading)."""
+_HEALTH_PROBES = re.compile(r"^/(health|v2/health/(ready|live)|v2/models/[^/]+/ready)/?$")
 
-    def __init__(self, app, limit_mb: int):
+
+async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    payload = dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                            (b"content-length", str(len(payload)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class HttpGuard:
+    """The outermost ASGI layer, before any route runs: the API key (401), the body size (413: from
+    ``Content-Length`` before reading, else while reading a chunked body) and the body read timeout (408:
+    the declared body must arrive within ``body_timeout`` seconds of the request head). A response sent
+    before the body was read is delivered by the protocol's lingering close (service/http_protocol.py)."""
+
+    def __init__(self, app, limit_mb: int, body_timeout: float = 30.0, api_key: str | None = None):
         self.app = app
         self.limit = limit_mb * 2**20
-        self.body = dumps({"message": f"Request body too large. Maximum allowed size is {limit_mb}MB."}).encode()
+        self.limit_mb = limit_mb
+        self.body_timeout = body_timeout
+        self.api_key = f"Bearer {api_key}".encode() if api_key else None
 
-    async def _reject(self, send) -> None:
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
-                                (b"content-length", str(len(self.body)).encode())]})
-        await send({"type": "http.response.body", "body": self.body})
+    async def _too_large(self, send) -> None:
+        await send_json(send, 413, {"message": f"Request body too large. Maximum allowed size is {self.limit_mb}MB."})
+
+    def _authorized(self, scope) -> bool:
+        if self.api_key is None or _HEALTH_PROBES.match(scope["path"]):
+            return True
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(b"Bearer " + token.strip(), self.api_key)
+        return False
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self._authorized(scope):
+            await send_json(send, 401, {"error": "Unauthorized: this server requires an API key (send the header "
+                                                 "Authorization: Bearer <key>)", "error_type": "Unauthorized"},
+                            [(b"www-authenticate", b"Bearer")])
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
                     if int(value) > self.limit:
-                        await self._reject(send)
+                        await self._too_large(send)
                         return
                 except ValueError:
                     pass
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                await send_json(send, 408, {"error": f"The request body did not arrive within {self.body_timeout:g} "
+                                                     f"s (received {size} bytes)", "error_type": "Request Timeout"})
+                return
             if message["type"] != "http.request":
                 return  # the client went away before sending the body
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await self._reject(send)
+                await self._too_large(send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -109,7 +158,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(service: Service) -> FastAPI:
+def create_app(service: Service, debug_routes: bool = False) -> FastAPI:
+    """The routes over ``service``; ``debug_routes`` adds GET /debug/resources (not in MindIE)."""
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         service.start()
@@ -130,37 +180,38 @@ def create_app(service: Service) -> FastAPI:
         return Response(b"", status_code=error.status_code)  # unknown route: empty 404
 
     @app.exception_handler(Exception)
-    async def _internal(_request, error: Exception):
-        logger.exception("unhandled error")
-        return Response("Server internal error", status_code=500, media_type="text/plain",
-                        headers={"Connection": "close"})
+    async def _internal(request: Request, error: Exception):
+        # The details (traceback, library text) go to the log only; the client gets an id to quote.
+        rid = new_error_id()
+        logger.error(f"internal error {rid} on {request.method} {request.url.path}", exc_info=error)
+        return Response(f"Server internal error (request id {rid})", status_code=500, media_type="text/plain",
+                        headers={"Connection": "close", "X-Request-Id": rid})
 
-    async def read_json(request: Request, message: str = JSON_PARSE_ERROR):
-        raw = await request.body()
+    async def read_request_object(request: Request, message: str = JSON_PARSE_ERROR,
+                                  check_running: bool = True) -> dict:
+        """Every route's body: UTF-8 JSON (no NaN), nesting at most 10 deep, no lone surrogate in any string
+        (``loads_json``), and an object; else a 422 (``message`` for a plain parse error). Then 503 if the
+        service is stopping."""
         try:
-            return loads_json(raw)
+            body = loads_json(await request.body())
+        except BodyError as error:
+            raise invalid(str(error)) from None
         except (ValueError, UnicodeDecodeError):
             raise invalid(message) from None
-
-    async def read_request_object(request: Request) -> dict:
-        """The body as a JSON object (else the parse error), once the service is known to be running."""
-        body = await read_json(request)
         if not isinstance(body, dict):
-            raise invalid(JSON_PARSE_ERROR)
-        service.check_running()
+            raise invalid(message)
+        if check_running:
+            service.check_running()
         return body
 
     # -- vLLM / TGI /generate ------------------------------------------------------------------
     @app.post("/generate")
     async def generate(request: Request):
-        try:
-            body = loads_json(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            body = None
-        if isinstance(body, dict) and body.get("prompt") is not None:
+        body = await read_request_object(request, GENERATE_PARSE_ERROR, check_running=False)
+        if body.get("prompt") is not None:
             service.check_running()
             return await vllm_generate(request, body)
-        if isinstance(body, dict) and body.get("inputs") is not None:
+        if body.get("inputs") is not None:
             service.check_running()
             return await tgi_generate(request, body, stream=False, wrap_list=False)
         raise invalid(GENERATE_PARSE_ERROR)
@@ -363,6 +414,8 @@ def create_app(service: Service) -> FastAPI:
             if not 0 < n <= service.max_request_chars:
                 raise invalid("Length of Prompt text should be greater than 0 and less than or equal to "
                               f"{service.max_request_chars}, but got {n}")
+            service.check_text(prompt)  # before tokenizing: the size limit and a full queue cost nothing
+            service.check_queue()
             try:
                 ids = await service.tokenizers.run(service.encode_plain, prompt)
             except ValueError as error:
@@ -631,9 +684,7 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v2/models/{model}/stopInfer")
     async def stop_infer(request: Request, model: str):
         check_model(model)
-        body = await read_json(request, "Failed to parse context to json body.")
-        if not isinstance(body, dict):
-            raise invalid("Failed to parse context to json body.")
+        body = await read_request_object(request, "Failed to parse context to json body.", check_running=False)
         if "id" not in body:
             raise invalid("Not found id.")
         if body["id"] is None:
@@ -702,10 +753,11 @@ def create_app(service: Service) -> FastAPI:
                         .replace("torch.", ""), "model_id": name, "model_pipeline_tag": "text-generation",
                         "model_sha": None, "max_total_tokens": service.max_seq_len} for name in names]})
 
-    @app.get("/debug/resources")
-    async def debug_resources():
-        """Not in MindIE: KV blocks and shared memory held by the server (for tests and operators)."""
-        return json_response(service.resources())
+    if debug_routes:
+        @app.get("/debug/resources")
+        async def debug_resources():
+            """Not in MindIE (--enable-debug-routes): KV blocks and shared memory held by the server."""
+            return json_response(service.resources())
 
     # -- helpers over a Handle ------------------------------------------------------------------
     def check_messages(body: dict) -> list:
@@ -815,7 +867,7 @@ async def collect_all(handle: Handle, request: Request) -> list[Result]:
     for result, out in zip(results, last):
         result.finish_reason = out.finish_reason
         if out.finish_reason == "error":
-            raise ApiError(500, f"Generation failed: {out.error}")
+            raise internal_error("Generation failed", out.error)
         if out.finish_reason == "abort":
             if handle.stopped:  # /stopInfer: what was generated so far, as a stop
                 result.finish_reason = "stop"
@@ -843,7 +895,7 @@ async def stream_batches(handle: Handle) -> AsyncIterator[tuple]:
                 for event in batch:
                     out = event.output
                     if out.finished and out.finish_reason == "error":
-                        yield None, ApiError(500, f"Generation failed: {out.error}").body()
+                        yield None, internal_error("Generation failed", out.error).body()
                         return
                     if out.finished and out.finish_reason == "abort":
                         if handle.stopped:

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import MAX_VIDEO_PIXELS
 from atb_llm.runner.engine import GenerationEngine, QueueFullError, Request, RequestError, video_cache_key
 from examples.run_pa import PARunner, eos_token_ids
 from service.errors import TOKEN_LIMIT, ApiError, invalid
@@ -25,6 +26,7 @@ from service.runtime import EngineLoop, Event, ResourceRegistry, Resources, Toke
 logger = logging.getLogger("service")
 
 RETRY_AFTER_S = 1
+TEXT_BYTES_PER_TOKEN = 64  # default text limit: a token is rarely more than a few bytes of UTF-8
 
 
 @dataclass
@@ -45,6 +47,8 @@ class ServiceConfig:
     device: str | None = None
     max_body_mb: int = 40
     tokenizer_workers: int = 2
+    max_text_bytes: int | None = None  # UTF-8 bytes of prompt text; None: TEXT_BYTES_PER_TOKEN x input limit
+    max_video_pixels: int = MAX_VIDEO_PIXELS  # width x height of a decoded frame; larger videos are refused
 
 
 class GenerationTimeout(Exception):
@@ -53,7 +57,28 @@ class GenerationTimeout(Exception):
 
 
 def utf16_len(text: str) -> int:
-    return len(text.encode("utf-16-le")) // 2
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def text_pieces(value) -> list[str]:
+    """The prompt text of a request: a string, the ``text`` of content items, the ``content`` (string or
+    items) of chat messages. Media URLs are not text (their size is the body limit's business)."""
+    if isinstance(value, str):
+        return [value]
+    pieces = []
+    for item in value if isinstance(value, list) else ():
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("text"), str):
+            pieces.append(item["text"])
+        content = item.get("content")
+        if isinstance(content, str):
+            pieces.append(content)
+        elif isinstance(content, list):
+            pieces.extend(i["text"] for i in content if isinstance(i, dict) and isinstance(i.get("text"), str))
+    return pieces
 
 
 class Handle:
@@ -192,12 +217,15 @@ class Service:
         self.vocab_size = int(self.model.config.vocab_size)
         self.pad_token_id = self.model.config.pad_token_id
         self.template = getattr(self.model.input_builder, "template", "chat")
+        self.model.input_builder.max_video_pixels = config.max_video_pixels
         self.loop = EngineLoop(self.engine)
         self.tokenizers = Tokenizers(self.model, workers=config.tokenizer_workers)
         self.registry = ResourceRegistry()
         self.named: dict[str, Handle] = {}  # request id -> in-flight request, for /stopInfer
         self._special_ids = set(getattr(self.model.tokenizer, "all_special_ids", []) or [])
         self.max_request_chars = config.max_body_mb * 2**20
+        self.max_text_bytes = config.max_text_bytes or TEXT_BYTES_PER_TOKEN * self.max_input_length
+        self._admitting = 0  # requests between the queue check and their submission (media, decoding)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -267,6 +295,31 @@ class Service:
         precheck_content(items)
         self.check_chars(json.dumps(items, ensure_ascii=False, separators=(",", ":")), chars_message)
 
+    def check_text(self, value) -> None:
+        """The text-size limit, before anything is tokenized (tokenizing tens of MB takes seconds and GBs)."""
+        limit, total = self.max_text_bytes, 0
+        for piece in text_pieces(value):
+            # At least one byte per character: a piece longer than the limit in characters is not encoded.
+            total += len(piece) if len(piece) > limit or piece.isascii() else len(piece.encode("utf-8",
+                                                                                               "surrogatepass"))
+            if total > limit:
+                raise invalid(f"The input text is longer than {limit} bytes (UTF-8), the limit of this server "
+                              f"(--max-text-bytes; by default {TEXT_BYTES_PER_TOKEN} bytes per token of the "
+                              f"{self.max_input_length}-token input limit)")
+
+    def check_queue(self) -> None:
+        """503 at once when the waiting queue is full, so an overloaded server refuses before it resolves or
+        decodes any media. Requests still being prepared count as waiting beyond the free batch slots."""
+        limit = self.config.max_queue
+        if not limit:
+            return
+        waiting = self.engine.num_waiting
+        free = max(0, self.config.max_batch_size - self.engine.num_running - waiting)
+        waiting += max(0, self._admitting - free)
+        if waiting >= limit:
+            raise ApiError(503, f"The waiting queue is full ({waiting} requests waiting or being prepared, the "
+                                f"limit is {limit}); retry later", headers={"Retry-After": str(RETRY_AFTER_S)})
+
     def check_chars(self, text: str, message: str) -> None:
         n = utf16_len(text)
         if not 0 < n <= self.max_request_chars:
@@ -275,8 +328,9 @@ class Service:
     async def admit(self, *, items: list | str | None = None, messages: list | None = None,
                     ids: list[int] | None = None, parse_params, token_message: str,
                     client_timeout: bool = False) -> Handle:
-        """Media, parameters, tokenization, limits and enqueue (the spec's processing order).
+        """Cheap checks, media, parameters, tokenization, limits and enqueue (the spec's processing order).
 
+        First the text-size limit and a full queue (503), before any media is resolved or decoded.
         ``parse_params()`` validates the sampling parameters (after media, as MindIE). ``token_message``
         formats the token-count error (``{got}``). ``ids`` are prompt token ids given by the client (no
         tokenization). For n / best_of > 1 the prompt is tokenized (and its video decoded) once and one engine
@@ -284,6 +338,16 @@ class Service:
         the request holds is released on any error.
         """
         self.check_running()
+        if ids is None:
+            self.check_text(messages if messages is not None else items)
+        self.check_queue()
+        self._admitting += 1
+        try:
+            return await self._admit(items, messages, ids, parse_params, token_message, client_timeout)
+        finally:
+            self._admitting -= 1
+
+    async def _admit(self, items, messages, ids, parse_params, token_message: str, client_timeout: bool) -> Handle:
         resources = Resources(self.registry)
         owned = True
         try:
@@ -312,7 +376,8 @@ class Service:
                     future.add_done_callback(lambda _f: resources.release())
                     raise
                 except (ValueError, OSError, RuntimeError) as error:
-                    raise invalid(token_message.format(got=0) + f" Cause: {_first_line(error)}") from None
+                    cause = _decode_cause(error, resolver, os.path.dirname(shm_path))
+                    raise invalid(token_message.format(got=0) + f" Cause: {cause}") from None
             self.check_running()
             base = self._build_request(ids, params, resources, resolver, token_message)
             requests = self._fan_out(base, params.num_seqs, SharedRelease(resources, params.num_seqs))
@@ -423,8 +488,19 @@ class Service:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _decode_cause(error: BaseException, resolver: MediaResolver, tmpdir: str) -> str:
+    """What the client reads about a prompt that could not be tokenized: the first line of a ValueError
+    (the video checks' own words) with every server path replaced by the client's name for it ("the
+    inline video" for a data: URL); nothing of an OSError / RuntimeError (library or system text), which
+    goes to the log."""
+    if isinstance(error, ValueError) and _first_line(error):
+        return resolver.redact(_first_line(error), {tmpdir: "(the request's temporary directory)"})
+    logger.warning(f"tokenizing a request failed: {type(error).__name__}: {error}")
+    return "the video could not be read or decoded" if resolver.videos else "the input could not be tokenized"
 
 
 def default_num_blocks(max_seq_len: int, block_size: int, max_batch_size: int) -> int:

@@ -1,9 +1,16 @@
 """Error envelopes of MindIE Service: ``{"error": ..., "error_type": ...}`` with a per-status label."""
 from __future__ import annotations
 
+import logging
+import uuid
+
+logger = logging.getLogger("service")
+
 ERROR_TYPES = {
     400: "Bad Request",
+    401: "Unauthorized",
     404: "NotFoundError",
+    408: "Request Timeout",
     413: "Payload Too Large",
     422: "Input Validation Error",
     424: "Generation Error",
@@ -35,3 +42,16 @@ class ApiError(Exception):
 
 def invalid(message: str) -> ApiError:
     return ApiError(422, message)
+
+
+def new_error_id() -> str:
+    """The id a 500 shows the client; the log line with the details carries the same id."""
+    return uuid.uuid4().hex[:16]
+
+
+def internal_error(prefix: str, detail: object) -> ApiError:
+    """A server fault: the client reads ``<prefix>: internal error (request id ...)``, never ``detail``
+    (library text, paths); the details go to the log under that id."""
+    rid = new_error_id()
+    logger.error(f"internal error {rid}: {prefix}: {detail}")
+    return ApiError(500, f"{prefix}: internal error (request id {rid})")

@@ -74,10 +74,25 @@ class MediaResolver:
     """Turns content items into plugin items for one request."""
 
     def __init__(self, allowed_dirs: Sequence[str], make_tmpdir: Callable[[], str]):
+        self.allowed_names = list(allowed_dirs)  # as configured: error texts show these, not resolved paths
         self.allowed_dirs = [os.path.realpath(d) for d in allowed_dirs]
         self.make_tmpdir = make_tmpdir
         self.total_bytes = 0
         self.videos: list[str] = []
+        self.shown: dict[str, str] = {}  # server path of each local video -> the path the client sent
+        self.hidden: dict[str, str] = {}  # server-only paths (inline videos' temp files) -> a description
+
+    def redact(self, text: str, extra: dict[str, str] | None = None) -> str:
+        """``text`` (an error about this request's videos) with each server path replaced by the client's
+        name for it: the path it sent, or "the inline video" for a data: URL written to a temp file.
+        ``extra`` adds server-only paths (the request's temp directory) and their descriptions."""
+        hidden = {**(extra or {}), **self.hidden}
+        for path in sorted(hidden, key=len, reverse=True):  # longest first: a file before its directory
+            if path:
+                text = text.replace(repr(path), hidden[path]).replace(path, hidden[path])
+        for path in sorted(self.shown, key=len, reverse=True):
+            text = text.replace(path, self.shown[path])
+        return text
 
     def resolve(self, items: list) -> list[dict]:
         out = []
@@ -109,6 +124,8 @@ class MediaResolver:
         if lowered.startswith("data:"):
             return self._data_url(url)
         path = url[len("file://"):] if lowered.startswith("file://") else url
+        if "\0" in path:
+            raise download_fail("the local video path contains a NUL character")
         ext = os.path.splitext(path)[1].lower()
         if ext not in SUPPORTED_VIDEO_EXTENSIONS:
             raise download_fail("Input type video_url does not match the mm type. "
@@ -118,18 +135,26 @@ class MediaResolver:
     def _local(self, path: str) -> str:
         if not os.path.isabs(path):
             raise download_fail("the local video path must be absolute")
+        try:
+            real = self._checked_local(path)
+        except (OSError, ValueError):  # a name too long, a path the OS refuses: say so, not its errno text
+            raise download_fail("the local video path cannot be read") from None
+        self.videos.append(real)
+        self.shown.setdefault(real, path)
+        return real
+
+    def _checked_local(self, path: str) -> str:
         if os.path.islink(path):
             raise download_fail("symbolic links are not allowed as video paths")
         real = os.path.realpath(path)
         if not any(real == d or real.startswith(d.rstrip(os.sep) + os.sep) for d in self.allowed_dirs):
             raise download_fail("Your input local file path is not allowed! please ensure your multimedia files "
-                                f"are placed under {', '.join(self.allowed_dirs) or '(no allowed directory)'}")
+                                f"are placed under {', '.join(self.allowed_names) or '(no allowed directory)'}")
         if not os.path.exists(real):
             raise download_fail("the local video file does not exist")
         if not os.path.isfile(real):
             raise download_fail("the local video path is not a regular file")
         self._account(os.path.getsize(real))
-        self.videos.append(real)
         return real
 
     def _account(self, size: int) -> None:
@@ -157,4 +182,5 @@ class MediaResolver:
         with open(path, "wb") as file:
             file.write(data)
         self.videos.append(path)
+        self.hidden[path] = "the inline video"
         return path

@@ -22,12 +22,68 @@ FLT_MAX_TEXT = "3.40282e+38"
 _ADAPTER_ID = re.compile(r"^[a-zA-Z0-9_./-]{1,256}$")
 
 
+MAX_JSON_DEPTH = 10  # MindIE's JSON_STR_DEP_MAX: containers inside at most 10 enclosing ones
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NESTED = frozenset((dict, list))
+
+
+class BodyError(ValueError):
+    """A body that parses as JSON but is refused (its text is the client's 422 message)."""
+
+
+DEPTH_ERROR = (f"Failed to parse request context to json: JSON nesting deeper than {MAX_JSON_DEPTH} levels is not "
+               "accepted")
+SURROGATE_ERROR = ("Failed to parse request context to json: a string contains an unpaired UTF-16 surrogate "
+                   "(an escape in \\ud800-\\udfff without its pair), which is not valid Unicode text")
+
+
 def loads_json(raw: bytes):
-    """Strict UTF-8 JSON (no NaN / Infinity, as a C++ JSON parser); raises ValueError."""
+    """Strict UTF-8 JSON (no NaN / Infinity, as a C++ JSON parser); raises ValueError.
+
+    Every body goes through here, so what no route can handle is refused once, at the root: nesting deeper
+    than ``MAX_JSON_DEPTH`` (MindIE's limit; ``BodyError``, also for bodies too deep for Python's parser) and
+    strings (keys too) holding a lone surrogate (``"\\ud800"`` parses, but cannot be encoded as UTF-8).
+    """
     def reject(name):
         raise ValueError(f"invalid JSON constant {name}")
 
-    return json.loads(raw.decode("utf-8"), parse_constant=reject)
+    text = raw.decode("utf-8")
+    try:
+        value = json.loads(text, parse_constant=reject)
+    except RecursionError:
+        raise BodyError(DEPTH_ERROR) from None
+    # A surrogate can only come from a \\uDxxx escape (raw ones are not valid UTF-8): look for strings only then.
+    check_json_value(value, strings=b"\\ud" in raw or b"\\uD" in raw)
+    return value
+
+
+def check_json_value(value, strings: bool = True) -> None:
+    """Raises ``BodyError`` for a container nested deeper than ``MAX_JSON_DEPTH`` or, with ``strings``, a
+    string or key holding a lone surrogate."""
+    if strings:
+        _check_strings(value)
+    stack = [(value, 0)] if value.__class__ in _NESTED else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BodyError(DEPTH_ERROR)
+        children = item.values() if isinstance(item, dict) else item
+        if any(map(_NESTED.__contains__, map(type, children))):
+            stack.extend((child, depth + 1) for child in children if child.__class__ in _NESTED)
+
+
+def _check_strings(value) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                raise BodyError(SURROGATE_ERROR)
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def fmt(value) -> str:

@@ -5,15 +5,26 @@ Threads:
 - a small pool of tokenizer workers (video decoding + writing the pixels to shared memory is slow);
 - one engine thread that loops ``engine.step()`` while there is work and sleeps on a condition otherwise,
   handing each ``StepOutput`` to its request's asyncio queue with ``loop.call_soon_threadsafe``.
+
+Temp files: every request directory lives under this process's *owner directory*
+``<tmp>/cogvlm2-svc-<uid>/<pid>-<start ticks>-<random>/`` (the root is private to the user, 0700), which
+holds ``owner.lock``, ``flock``-ed for the process's life. A directory's owner is alive while its lock is
+held or while a process with that pid and that start time (``/proc/<pid>/stat``, so a reused pid does not
+count) exists. :func:`sweep_stale_resources` (run when a server or a ``--tp`` supervisor starts, and by the
+supervisor when its ranks have exited) releases every shared-memory segment named in a dead owner's
+``shm_name.txt`` files, then removes its directory; a clean exit removes the process's own directory.
 """
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import itertools
 import logging
 import os
+import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -23,7 +34,190 @@ from dataclasses import dataclass
 from atb_llm.runner.engine import GenerationEngine, QueueFullError, Request, RequestError, StepOutput
 from atb_llm.utils.shm_utils import release_shared_memory
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX: liveness falls back to the pid and start time
+    fcntl = None
+
 logger = logging.getLogger("service")
+
+SHM_SAVE_FILE = "shm_name.txt"
+LOCK_FILE = "owner.lock"
+_STAGING = ".new-"  # an owner directory is made under this prefix and renamed once its lock is held
+_OWNER_DIR = re.compile(r"(?:\.new-)?(\d+)-(\d+)-[a-z0-9_]+")
+
+
+def tmp_root() -> str:
+    """The directory every server of this user keeps its temp files in: ``<tmp>/cogvlm2-svc-<uid>``."""
+    return os.path.join(tempfile.gettempdir(), f"cogvlm2-svc-{os.getuid()}")
+
+
+def _private_root(create: bool) -> str | None:
+    """The root, checked to be a real directory of this user with no group/other access; None if absent."""
+    root = tmp_root()
+    if create:
+        try:
+            os.mkdir(root, 0o700)
+        except FileExistsError:
+            pass
+    try:
+        info = os.lstat(root)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise RuntimeError(f"{root} is not a directory owned by this user; remove it or set TMPDIR")
+    if info.st_mode & 0o077:
+        os.chmod(root, 0o700)
+    return root
+
+
+def process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot; None if there is no such (running) process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            fields = file.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in (b"Z", b"X"):  # exited, only waiting to be reaped: its locks are gone already
+        return None
+    return int(fields[19])
+
+
+class _Owner:
+    """This process's owner directory, made on first use and removed at a clean exit."""
+
+    def __init__(self, root: str):
+        self.pid = os.getpid()
+        start = process_start(self.pid) or 0
+        for attempt in range(5):
+            # Made under a staging name and renamed once locked, so no sweeper ever sees it unlocked
+            # (one in another pid namespace could not tell it is alive from the pid).
+            staging = tempfile.mkdtemp(prefix=f"{_STAGING}{self.pid}-{start}-", dir=root)
+            path = os.path.join(root, os.path.basename(staging)[len(_STAGING):])
+            fd = None
+            try:
+                fd = os.open(os.path.join(staging, LOCK_FILE),
+                             os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(staging, path)
+                if os.stat(os.path.join(path, LOCK_FILE)).st_ino != os.fstat(fd).st_ino:
+                    raise FileNotFoundError(LOCK_FILE)
+            except FileNotFoundError:  # a sweeper removed the staging directory in between: start again
+                if fd is not None:
+                    os.close(fd)
+                shutil.rmtree(path, ignore_errors=True)
+                if attempt == 4:
+                    raise
+                continue
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self.path, self._fd = path, fd
+            return
+
+    def close(self) -> None:
+        if os.getpid() != self.pid or self._fd is None:  # a forked child's copy, or closed already
+            return
+        try:
+            _release_saved(self.path)
+            shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+_owner: _Owner | None = None
+_owner_lock = threading.Lock()
+_owner_failed = False
+
+
+def owner_dir() -> str | None:
+    """This process's owner directory (made on first call); None if the root is unusable (logged once)."""
+    global _owner, _owner_failed  # pylint: disable=global-statement
+    with _owner_lock:
+        if _owner is None or _owner.pid != os.getpid():
+            if _owner_failed:
+                return None
+            try:
+                _owner = _Owner(_private_root(create=True))
+            except (OSError, RuntimeError) as error:
+                _owner_failed = True
+                logger.warning(f"temp files go to plain temp directories that a restart cannot clean up: {error}")
+                return None
+            atexit.register(_owner.close)
+        return _owner.path
+
+
+def _release_saved(directory: str) -> int:
+    """Release every segment named in the save files under ``directory`` (including ones whose release was
+    interrupted: ``shm_name.txt.releasing.*``); returns how many names they held."""
+    count = 0
+    for parent, _dirs, files in os.walk(directory):
+        for name in files:
+            if name != SHM_SAVE_FILE and not name.startswith(SHM_SAVE_FILE + ".releasing."):
+                continue
+            path = os.path.join(parent, name)
+            try:
+                with open(path, encoding="utf-8", errors="replace") as file:
+                    count += sum(1 for line in file if line.strip())
+                release_shared_memory(path)
+            except (OSError, ValueError, RuntimeError) as error:
+                logger.warning(f"releasing the shared memory named in {path} failed: {error}")
+    return count
+
+
+def _owner_alive(path: str, pid: int, start: int) -> tuple[bool, int | None]:
+    """Whether the directory's owner lives; if not, a descriptor holding its lock (None without a lock file)."""
+    if start and process_start(pid) == start:
+        return True, None
+    try:
+        fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False, None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: the owner lives (in another pid namespace, or a forked child of it)
+            os.close(fd)
+            return True, None
+    return False, fd
+
+
+def sweep_stale_resources() -> int:
+    """Release the shared memory and remove the temp directories of servers that died without cleaning up
+    (``kill -9``, a crashed rank 0); a live server's directories are never touched. Returns how many
+    directories were removed; logs instead of raising."""
+    try:
+        root = _private_root(create=False)
+        entries = os.listdir(root) if root is not None else []
+    except (OSError, RuntimeError) as error:
+        logger.warning(f"cannot sweep leftover temp files: {error}")
+        return 0
+    removed = 0
+    for entry in entries:
+        match = _OWNER_DIR.fullmatch(entry)
+        path = os.path.join(root, entry)
+        try:
+            if match is None or not stat.S_ISDIR(os.lstat(path).st_mode):
+                continue
+            alive, fd = _owner_alive(path, int(match[1]), int(match[2]))
+        except OSError:
+            continue
+        if alive:
+            continue
+        try:
+            segments = _release_saved(path)
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        removed += 1
+        logger.info(f"removed {path} of a dead server (pid {match[1]}) and {segments} shared-memory segment(s) "
+                    "it had not released")
+    return removed
 
 
 @dataclass
@@ -49,18 +243,20 @@ class Resources:
             if self._released:
                 raise RuntimeError("request resources already released")
             if self._dir is None:
-                self._dir = tempfile.mkdtemp(prefix="cogvlm2-svc-")
+                owner = owner_dir()
+                self._dir = (tempfile.mkdtemp(prefix="req-", dir=owner) if owner is not None
+                             else tempfile.mkdtemp(prefix="cogvlm2-svc-"))
             return self._dir
 
     @property
     def shm_path(self) -> str:
-        return os.path.join(self.tmpdir(), "shm_name.txt")
+        return os.path.join(self.tmpdir(), SHM_SAVE_FILE)
 
     def segments(self) -> list[str]:
         if self._dir is None:
             return []
         try:
-            with open(os.path.join(self._dir, "shm_name.txt"), encoding="utf-8") as file:
+            with open(os.path.join(self._dir, SHM_SAVE_FILE), encoding="utf-8") as file:
                 return [line.strip() for line in file if line.strip()]
         except FileNotFoundError:
             return []
@@ -74,7 +270,7 @@ class Resources:
         try:
             if directory is not None:
                 self._registry.note_released(self.segments())
-                path = os.path.join(directory, "shm_name.txt")
+                path = os.path.join(directory, SHM_SAVE_FILE)
                 if os.path.exists(path):
                     release_shared_memory(path)
         except Exception as error:  # never let cleanup break the engine loop
@@ -241,4 +437,5 @@ class Tokenizers:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["EngineLoop", "Event", "QueueFullError", "RequestError", "ResourceRegistry", "Resources", "Tokenizers"]
+__all__ = ["EngineLoop", "Event", "QueueFullError", "RequestError", "ResourceRegistry", "Resources", "Tokenizers",
+           "owner_dir", "sweep_stale_resources", "tmp_root"]

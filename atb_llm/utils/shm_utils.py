@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import secrets
 import sys
 import threading
 from collections.abc import Sequence
@@ -69,16 +70,63 @@ _TRACKER_LOCK = threading.Lock()
 IntLike = int | np.integer | torch.Tensor
 
 
-def _open_shm(name: str | None = None, create: bool = False, size: int = 0) -> shared_memory.SharedMemory:
-    """Create or attach to a segment without leaving it registered with the resource tracker."""
+def _new_shm_name() -> str:
+    """A fresh segment name as ``SharedMemory`` picks it: ``psm_`` and 8 hex digits (all in ``CHARSET``)."""
+    return SHM_NAME_PREFIX + secrets.token_hex(4)
+
+
+def _shared_memory(name: str | None = None, create: bool = False, size: int = 0) -> shared_memory.SharedMemory:
+    """``SharedMemory(...)`` with its resource-tracker registration undone (``track=False`` on 3.13+)."""
     if _TRACK_PARAM:
         return shared_memory.SharedMemory(name=name, create=create, size=size, track=False)
     with _TRACKER_LOCK:
         shm = shared_memory.SharedMemory(name=name, create=create, size=size)
         if os.name == "posix":
-            # pylint: disable=protected-access
-            resource_tracker.unregister(shm._name, "shared_memory")
+            try:
+                # pylint: disable=protected-access
+                resource_tracker.unregister(shm._name, "shared_memory")
+            except BaseException:
+                shm.close()
+                raise
     return shm
+
+
+def _remove_segment(name: str) -> None:
+    """Best-effort unlink of a segment by name (no handle needed); never raises."""
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except OSError:
+        pass
+
+
+def _open_shm(name: str | None = None, create: bool = False, size: int = 0) -> shared_memory.SharedMemory:
+    """Create or attach to a segment without leaving it registered with the resource tracker.
+
+    Creating (POSIX): the segment is made here with ``O_CREAT | O_EXCL`` (so it is certainly ours), sized,
+    and then attached; if anything fails once it exists (sizing, mapping, the resource tracker, an
+    interrupt), it is unlinked again before the error propagates. ``SharedMemory(create=True)`` itself
+    would leave it behind when, e.g., the resource tracker cannot start.
+    """
+    if not create or _posixshmem is None:
+        return _shared_memory(name=name, create=create, size=size)
+    for _ in range(100):
+        candidate = name if name is not None else _new_shm_name()
+        try:
+            fd = _posixshmem.shm_open("/" + candidate, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+        except FileExistsError:
+            if name is not None:
+                raise
+            continue
+        try:
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+            return _shared_memory(name=candidate)
+        except BaseException:
+            _remove_segment(candidate)
+            raise
+    raise FileExistsError("no free shared memory name after 100 tries")
 
 
 def _unlink_shm(shm: shared_memory.SharedMemory) -> None:
@@ -112,7 +160,8 @@ def create_shm(size: int, shm_name_save_path: str) -> shared_memory.SharedMemory
     The caller writes into ``shm.buf`` and closes its handle; the segment stays until
     :func:`release_shared_memory`. Raises ValueError for a size that is not an int in
     (0, MAX_SHM_SIZE] and RuntimeError when creating the segment or recording its name
-    fails (the segment is then unlinked again, so nothing leaks).
+    fails; on every error after the segment exists (sizing, mapping, the resource tracker,
+    the save file, an interrupt) it is closed and unlinked again before the error propagates.
     """
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
         raise TypeError(f"The shared memory size must be an int, got {type(size).__name__}.")
@@ -128,11 +177,20 @@ def create_shm(size: int, shm_name_save_path: str) -> shared_memory.SharedMemory
     try:
         with safe_open(shm_name_save_path, "a", encoding="utf-8") as fw:
             fw.write(f"{shm.name}\n")
-    except Exception as e:
-        # Nobody would ever release a segment whose name was not recorded.
-        shm.close()
-        _unlink_shm(shm)
-        raise RuntimeError(f"Failed to record shared memory name in the save file: {e}") from e
+    except BaseException as e:
+        # Nobody would ever release a segment whose name was not recorded: remove it on every error
+        # (an interrupt too), then report.
+        try:
+            shm.close()
+        except Exception:  # pylint: disable=broad-except
+            pass
+        try:
+            _unlink_shm(shm)
+        except OSError:
+            pass
+        if isinstance(e, Exception):
+            raise RuntimeError(f"Failed to record shared memory name in the save file: {e}") from e
+        raise
     return shm
 
 
