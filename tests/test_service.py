@@ -38,27 +38,35 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: str, media_dir: str, *extra: str):
+    """``python -m service`` on a free loopback port, healthy when constructed. ``/debug/resources`` is on
+    unless ``debug_routes=False``; ``headers`` go with every request of ``client`` (e.g. an API key)."""
+
+    def __init__(self, model_dir: str, media_dir: str, *extra: str, env: dict | None = None,
+                 headers: dict | None = None, debug_routes: bool = True, log_dir: str | None = None):
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.path.join(media_dir, f"server-{self.port}.log"), "w+")  # noqa: SIM115
+        self.log = open(os.path.join(log_dir or media_dir, f"server-{self.port}.log"), "w+")  # noqa: SIM115
+        debug = ["--enable-debug-routes"] if debug_routes else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--model_path", model_dir, "--port", str(self.port),
-             "--allowed-media-dir", media_dir, "--enable-debug-routes", *extra], cwd=REPO, stdout=self.log,
-            stderr=subprocess.STDOUT)
+             "--allowed-media-dir", media_dir, *debug, *extra], cwd=REPO, stdout=self.log,
+            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:  # a probe: no key needed
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
         else:
             raise RuntimeError(f"server did not become healthy:\n{self.output()}")
-        self.client = httpx.Client(base_url=self.base, timeout=120)
+        self.client = httpx.Client(base_url=self.base, timeout=120, headers=headers)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
 
     def output(self) -> str:
         self.log.flush()
@@ -87,8 +95,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.client.close()
-        self.log.close()
+        self.client.close()  # the log stays readable: a failed stop shows it
         return self.proc.returncode
 
 

@@ -10,14 +10,14 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.test_service import Server
+
 KEY = "test-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 HEADER_TIMEOUT = 1.5
@@ -28,51 +28,6 @@ MAX_BODY_MB = 1
 INPUT_LIMIT = 2048  # --max-input-length default; the text limit defaults to 64 bytes per token of it
 TEXT_LIMIT = 64 * INPUT_LIMIT
 OA = {"model": "cogvlm2", "messages": [{"role": "user", "content": "hi"}]}
-
-
-class HardServer:
-    def __init__(self, model_dir: str, media_dir: str, log_dir: str, *extra: str, env: dict | None = None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.path.join(log_dir, f"server-{self.port}.log"), "w+")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model_path", model_dir, "--port", str(self.port),
-             "--allowed-media-dir", media_dir, *extra], cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:  # a probe: no key needed
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(f"server did not become healthy:\n{self.output()}")
-        self.client = httpx.Client(base_url=self.base, timeout=60, headers=AUTH)
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def connect(self) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.client.close()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +48,11 @@ def server(tmp_path_factory, media):
     # A long context, so one request can hold the only batch slot for as long as the overload test needs.
     model = make_demo_checkpoint(str(tmp_path_factory.mktemp("hard_model")), seed=1, shards=1,
                                  overrides={"max_position_embeddings": 32768})
-    srv = HardServer(model, media["dir"], media["root"], "--max-batch-size", "1", "--max-queue", "1",
+    srv = Server(model, media["dir"], "--max-batch-size", "1", "--max-queue", "1",
                      "--max-seq-len", "32768", "--max-iter-times", "32000", "--max-body-mb", str(MAX_BODY_MB),
                      "--header-timeout", str(HEADER_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT),
                      "--keep-alive-timeout", str(KEEP_ALIVE), "--max-connections", str(MAX_CONNECTIONS),
-                     env={"COGVLM2_API_KEY": KEY})
+                     env={"COGVLM2_API_KEY": KEY}, headers=AUTH, debug_routes=False, log_dir=media["root"])
     yield srv
     code, log = srv.stop(), srv.output()
     srv.log.close()
