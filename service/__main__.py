@@ -17,6 +17,7 @@ import time
 import uvicorn
 
 from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import MAX_VIDEO_PIXELS
+from atb_llm.runner.engine import DEFAULT_VISION_CACHE_MB
 from atb_llm.utils.dist import destroy_distributed
 from service.app import HttpGuard, create_app
 from service.core import Service, ServiceConfig, demo_media_dir, follow
@@ -39,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"directory local videos may be read from (repeatable; default: {DEFAULT_MEDIA_DIR}, plus "
                         "the demo video's directory when using the embedded demo)")
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--max-prefill-tokens", type=int, default=8192)
+    p.add_argument("--max-prefill-tokens", type=int, default=8192,
+                   help="prompt tokens prefilled per engine step; a longer prompt goes in chunks that share steps "
+                        "with the running streams (smaller: steadier streams, slower first tokens)")
     p.add_argument("--max-input-length", type=int, default=2048, help="MindIE maxInputTokenLen")
     p.add_argument("--max-seq-len", type=int, default=2560, help="prompt + output tokens (MindIE maxSeqLen)")
     p.add_argument("--max-iter-times", type=int, default=512,
@@ -57,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest decoded frame, width x height (default 3840 x 2160): bigger videos are refused "
                         "before decoding")
     p.add_argument("--tokenizer-workers", type=int, default=2, help="threads decoding videos")
+    p.add_argument("--vision-cache-mb", type=int, default=DEFAULT_VISION_CACHE_MB,
+                   help="memory for the vision features of recent videos (LRU); a follow-up question on one of them "
+                        "skips its decoding and vision tower (0 = off)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="recompute every prompt instead of reusing the KV blocks of earlier prompts that start with "
+                        "the same tokens and video")
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel world size: relaunches under torchrun with that many processes; rank 0 "
                         "serves HTTP and schedules, the others follow its batches (default: WORLD_SIZE, else 1)")
@@ -105,6 +114,8 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         raise SystemExit("--max-text-bytes must be a positive integer")
     if args.max_connections < 0:
         raise SystemExit("--max-connections must be 0 (unlimited) or a positive integer")
+    if args.vision_cache_mb < 0:
+        raise SystemExit("--vision-cache-mb must be 0 (off) or a positive integer")
     return ServiceConfig(
         model_path=model_path, served_model_names=args.served_model_names or list(DEFAULT_NAMES),
         allowed_media_dirs=allowed or [DEFAULT_MEDIA_DIR], max_batch_size=args.max_batch_size,
@@ -113,7 +124,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         request_timeout=args.request_timeout, block_size=args.block_size, num_blocks=args.num_blocks,
         dtype=args.dtype, device=args.device, max_body_mb=args.max_body_mb,
         tokenizer_workers=args.tokenizer_workers, max_text_bytes=args.max_text_bytes,
-        max_video_pixels=args.max_video_pixels)
+        max_video_pixels=args.max_video_pixels, vision_cache_mb=args.vision_cache_mb, prefix_cache=args.prefix_cache)
 
 
 def _raise_open_file_limit(max_connections: int) -> None:

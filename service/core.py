@@ -16,7 +16,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import MAX_VIDEO_PIXELS
-from atb_llm.runner.engine import GenerationEngine, QueueFullError, Request, RequestError, video_cache_key
+from atb_llm.runner.engine import (
+    DEFAULT_VISION_CACHE_MB,
+    GenerationEngine,
+    QueueFullError,
+    Request,
+    RequestError,
+    VisionCache,
+    video_cache_key,
+)
 from examples.run_pa import PARunner, eos_token_ids
 from service.errors import TOKEN_LIMIT, ApiError, invalid
 from service.media import MediaResolver, precheck_content
@@ -49,6 +57,8 @@ class ServiceConfig:
     tokenizer_workers: int = 2
     max_text_bytes: int | None = None  # UTF-8 bytes of prompt text; None: TEXT_BYTES_PER_TOKEN x input limit
     max_video_pixels: int = MAX_VIDEO_PIXELS  # width x height of a decoded frame; larger videos are refused
+    vision_cache_mb: int = DEFAULT_VISION_CACHE_MB  # vision features of recent videos (LRU by bytes)
+    prefix_cache: bool = True  # reuse the KV blocks of earlier prompts with the same tokens and video
 
 
 class GenerationTimeout(Exception):
@@ -212,12 +222,15 @@ class Service:
         self.engine = GenerationEngine(
             self.model, self.runner.make_cache_manager(), max_batch_size=config.max_batch_size,
             max_prefill_tokens=config.max_prefill_tokens, max_seq_len=self.max_seq_len,
-            max_input_length=input_limit, eos_token_ids=eos_token_ids(self.model), max_waiting=config.max_queue)
+            max_input_length=input_limit, eos_token_ids=eos_token_ids(self.model), max_waiting=config.max_queue,
+            vision_cache=VisionCache(config.vision_cache_mb << 20), enable_prefix_cache=config.prefix_cache)
         self.max_input_length = self.engine.max_input_length
         self.vocab_size = int(self.model.config.vocab_size)
         self.pad_token_id = self.model.config.pad_token_id
         self.template = getattr(self.model.input_builder, "template", "chat")
         self.model.input_builder.max_video_pixels = config.max_video_pixels
+        # A follow-up on a video whose features the engine holds is tokenized without decoding the video.
+        self.model.input_builder.cached_video_frames = self._cached_video_frames
         self.loop = EngineLoop(self.engine)
         self.tokenizers = Tokenizers(self.model, workers=config.tokenizer_workers)
         self.registry = ResourceRegistry()
@@ -257,6 +270,9 @@ class Service:
         if releaser.is_alive():
             logger.warning("tensor-parallel followers did not acknowledge the shutdown")
 
+    def _cached_video_frames(self, path: str) -> int | None:
+        return self.engine.vision_cache.frames(video_cache_key(path, self.template))
+
     def token_text(self, token_id: int, skip_special_tokens: bool = False) -> str:
         return self.model.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
 
@@ -286,7 +302,8 @@ class Service:
                 "requests_running": self.engine.num_running, "requests_active": self.loop.num_active,
                 "request_resources_active": len(self.registry.active()),
                 "active_shm_segments": self.registry.active_segments(),
-                "released_shm_segments": released[-256:], "engine_steps": self.loop.steps}
+                "released_shm_segments": released[-256:], "engine_steps": self.loop.steps,
+                **self.engine.cache_stats()}
 
     # -- admission ------------------------------------------------------------------------------
     def check_items(self, items: list, empty_message: str, chars_message: str) -> None:
@@ -352,6 +369,7 @@ class Service:
         owned = True
         try:
             resolver = MediaResolver(self.config.allowed_media_dirs, resources.tmpdir)
+            features = None
             if ids is not None:
                 params: GenParams = parse_params()
                 self._check_ids(ids)
@@ -364,22 +382,21 @@ class Service:
                     plugin_items = await self.tokenizers.run(resolver.resolve, items)
                 params = parse_params()
                 shm_path = resources.shm_path
-                if messages is not None:
-                    future = self.tokenizers.pool.submit(self.tokenizers._chat, conversation, shm_path)
-                else:
-                    future = self.tokenizers.pool.submit(self.tokenizers._items, plugin_items, shm_path)
+                prompt = conversation if messages is not None else plugin_items
                 try:
-                    ids = await asyncio.shield(asyncio.wrap_future(future))
+                    ids = await self._tokenize(prompt, messages is not None, shm_path, resources, resolver,
+                                               token_message, use_video_cache=True)
+                    features = self._cached_features(ids, resolver)
+                    if features is False:  # laid out from the vision cache, evicted since: decode after all
+                        ids = await self._tokenize(prompt, messages is not None, shm_path, resources, resolver,
+                                                   token_message, use_video_cache=False)
+                        features = None
                 except asyncio.CancelledError:
-                    # The worker may still write shared memory: release once it is done.
-                    owned = False
-                    future.add_done_callback(lambda _f: resources.release())
+                    owned = False  # released once the tokenizer thread is done with it
                     raise
-                except (ValueError, OSError, RuntimeError) as error:
-                    cause = _decode_cause(error, resolver, os.path.dirname(shm_path))
-                    raise invalid(token_message.format(got=0) + f" Cause: {cause}") from None
             self.check_running()
             base = self._build_request(ids, params, resources, resolver, token_message)
+            base.vision_embeds = features
             requests = self._fan_out(base, params.num_seqs, SharedRelease(resources, params.num_seqs))
             queue: asyncio.Queue = asyncio.Queue()
             submitted = 0
@@ -416,6 +433,34 @@ class Service:
                 deadline, reason = client_deadline, "client timeout"
         return Handle(self, requests, queue, params, deadline, reason, list(base.prompt_ids))
 
+    async def _tokenize(self, prompt: list, is_chat: bool, shm_path: str, resources: Resources,
+                        resolver: MediaResolver, token_message: str, use_video_cache: bool) -> list[int]:
+        """The plugin's service path in a tokenizer thread (it may decode the video and write shared memory).
+        If the caller is cancelled meanwhile, ``resources`` are released once the thread is done with them."""
+        function = self.tokenizers._chat if is_chat else self.tokenizers._items
+        future = self.tokenizers.pool.submit(function, prompt, shm_path, use_video_cache)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda _f: resources.release())
+            raise
+        except (ValueError, OSError, RuntimeError) as error:
+            cause = _decode_cause(error, resolver, os.path.dirname(shm_path))
+            raise invalid(token_message.format(got=0) + f" Cause: {cause}") from None
+
+    def _cached_features(self, ids: list[int], resolver: MediaResolver):
+        """The vision features of a prompt the plugin laid out from the vision cache (vision slots with the pad
+        id, no shared-memory codes): the tensor, None when the prompt needs none, False when the features were
+        evicted since the lookup."""
+        if not resolver.videos or self.pad_token_id not in ids or any(t < 0 for t in ids):
+            return None
+        try:
+            key = video_cache_key(resolver.videos[0], self.template)
+        except OSError:
+            return False
+        features = self.engine.vision_cache.get(key)
+        return False if features is None else features
+
     def _check_ids(self, ids: list[int]) -> None:
         """Client token ids: negative ids would read as shared-memory codes, large ones are out of the table."""
         if ids and any(not 0 <= t < self.vocab_size for t in ids):
@@ -428,7 +473,8 @@ class Service:
                                            stop=list(base.sampling.stop),
                                            stop_token_ids=list(base.sampling.stop_token_ids))
             requests.append(Request(prompt_ids=list(base.prompt_ids), sampling=sampling, video_key=base.video_key,
-                                    request_id=self.loop.new_id(), on_release=release.done))
+                                    vision_embeds=base.vision_embeds, request_id=self.loop.new_id(),
+                                    on_release=release.done))
         return requests
 
     # -- /stopInfer ------------------------------------------------------------------------------

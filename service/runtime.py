@@ -418,11 +418,13 @@ class Tokenizers:
         self.model = model_runner
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
 
-    def _items(self, items: list[dict], shm_path: str) -> list[int]:
-        return [int(i) for i in self.model.router.tokenize(items, shm_name_save_path=shm_path).tolist()]
+    def _items(self, items: list[dict], shm_path: str, use_video_cache: bool = True) -> list[int]:
+        ids = self.model.router.tokenize(items, shm_name_save_path=shm_path, use_video_cache=use_video_cache)
+        return [int(i) for i in ids.tolist()]
 
-    def _chat(self, messages: list[dict], shm_path: str) -> list[int]:
-        return [int(i) for i in self.model.input_builder.make_context(0, messages, shm_name_save_path=shm_path)]
+    def _chat(self, messages: list[dict], shm_path: str, use_video_cache: bool = True) -> list[int]:
+        return [int(i) for i in self.model.input_builder.make_context(0, messages, shm_name_save_path=shm_path,
+                                                                       use_video_cache=use_video_cache)]
 
     async def tokenize_items(self, items: list[dict], shm_path: str) -> list[int]:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._items, items, shm_path)

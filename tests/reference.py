@@ -183,3 +183,7 @@ def poison_kv_cache(cache_manager) -> None:
     for k_cache, v_cache in cache_manager.kv_cache:
         k_cache.fill_(float("nan"))
         v_cache.fill_(float("nan"))
+    # A poisoned cache is a fresh one: no block holds a prefix any more (MindIE's CacheManager has no prefix cache).
+    blocks = getattr(cache_manager, "block_manager", None)
+    if blocks is not None and hasattr(blocks, "reset_prefix_cache"):
+        blocks.reset_prefix_cache()

@@ -126,6 +126,54 @@ def test_paged_decode_attention(ascend, fake_npu):
     assert fake_npu.CALLS["_npu_paged_attention"] == 1
 
 
+def _paged_prefix_case(dtype=torch.float32):
+    """Three sequences in 4-slot blocks: a decode (1 new of 7), a chunk after a cached prefix (5 new of 9) and a
+    whole prompt (3 of 3); every slot no sequence has written holds NaN / inf."""
+    gen = torch.Generator().manual_seed(6)
+    k_cache, v_cache = torch.randn(8, 4, 2, 16, generator=gen), torch.randn(8, 4, 2, 16, generator=gen)
+    block_tables = torch.tensor([[5, 2, 0], [1, 6, 3], [4, 0, 0]])
+    context_lens, q_lens = torch.tensor([7, 9, 3]), [1, 5, 3]
+    written = torch.zeros(8, 4, dtype=torch.bool)
+    for row, length in zip(block_tables.tolist(), context_lens.tolist()):
+        for position in range(length):
+            written[row[position // 4], position % 4] = True
+    k_cache[~written], v_cache[~written] = float("nan"), float("inf")
+    q = torch.randn(sum(q_lens), 4, 16, generator=gen)
+    return [t.to(dtype) for t in (q, k_cache, v_cache)] + [block_tables, q_lens, context_lens]
+
+
+def test_prefix_prefill_attention(ascend, fake_npu):
+    """Chunked prefill / prefix-cache hits: the SplitFuse operator against PortableOps, and PortableOps against
+    plain causal attention over each sequence's whole context."""
+    q, k_cache, v_cache, block_tables, q_lens, context_lens = _paged_prefix_case()
+    got = ascend.prefix_prefill_attention(q, k_cache, v_cache, block_tables, q_lens, context_lens, 0.25)
+    want = PortableOps.prefix_prefill_attention(q, k_cache, v_cache, block_tables, q_lens, context_lens, 0.25)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert fake_npu.CALLS["_npu_paged_attention_splitfuse"] == 1
+    start = 0
+    for b, (n, length) in enumerate(zip(q_lens, context_lens.tolist())):
+        blocks = block_tables[b, :-(-length // 4)]
+        keys = k_cache[blocks].reshape(-1, 2, 16)[:length]
+        values = v_cache[blocks].reshape(-1, 2, 16)[:length]
+        for i in range(n):
+            visible = length - n + i + 1
+            scores = torch.einsum("hd,khd->hk", q[start + i], keys[:visible].repeat_interleave(2, dim=1)) * 0.25
+            expected = torch.einsum("hk,khd->hd", scores.softmax(-1), values[:visible].repeat_interleave(2, dim=1))
+            torch.testing.assert_close(want[start + i], expected, atol=1e-6, rtol=1e-5)
+        start += n
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefix_prefill_attention_in_half_precision(ascend, fake_npu, dtype):
+    q, k_cache, v_cache, block_tables, q_lens, context_lens = _paged_prefix_case(dtype)
+    got = ascend.prefix_prefill_attention(q, k_cache, v_cache, block_tables, q_lens, context_lens, 0.25)
+    want = PortableOps.prefix_prefill_attention(q.float(), k_cache.float(), v_cache.float(), block_tables, q_lens,
+                                                context_lens, 0.25)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_fake_rejects_int64_indices(fake_npu):
     """The fake keeps the operators' dtype rules, so a backend that forgot a cast fails here too."""
     with pytest.raises(RuntimeError, match="int32"):
@@ -133,18 +181,24 @@ def test_fake_rejects_int64_indices(fake_npu):
                                         torch.zeros(2, 4, 2, 16), torch.tensor([0]))
 
 
-def run_model(model_dir: str, items: list[MultimodalInput], steps: int):
+def run_model(model_dir: str, items: list[MultimodalInput], steps: int, follow_ups: list[MultimodalInput] = (),
+              **options):
+    """Greedy tokens and logits of ``items`` run together, then of ``follow_ups`` on the same engine (their
+    prompts start like the first ones': prefix-cache hits)."""
     runner = MultimodalPARunner(model_path=model_dir, dtype="float32", device="cpu", max_input_length=2048,
-                                max_output_length=steps, max_batch_size=len(items), block_size=16)
+                                max_output_length=steps, max_batch_size=len(items), block_size=16, **options)
     sampling = SamplingParams(max_new_tokens=steps, temperature=0.0, ignore_eos=True)
-    requests = [runner.prepare_request(item, sampling) for item in items]
     poison_kv_cache(runner.make_cache_manager())
     engine = runner.make_engine()
     logits = {}
     engine.on_logits = lambda ids, rows: [logits.setdefault(i, []).append(r.clone()) for i, r in zip(ids, rows)]
-    engine.generate(requests)
-    assert all(r.error is None for r in requests)
-    return runner.model.model.ops, [(r.output_ids, torch.stack(logits[r.request_id])) for r in requests]
+    done = []
+    for batch in (items, follow_ups):
+        requests = [runner.prepare_request(item, sampling) for item in batch]
+        engine.generate(requests)
+        done += requests
+    assert all(r.error is None for r in done)
+    return runner.model.model.ops, [(r.output_ids, torch.stack(logits[r.request_id])) for r in done]
 
 
 def test_model_on_ascend_path_matches_portable(monkeypatch, fake_npu, chat_model_dir, video_6_frames):
@@ -164,3 +218,21 @@ def test_model_on_ascend_path_matches_portable(monkeypatch, fake_npu, chat_model
     for op in ("npu_rms_norm", "npu_rotary_mul", "_npu_reshape_and_cache", "_npu_flash_attention",
                "_npu_paged_attention"):
         assert fake_npu.CALLS[op] > 0, f"{op} was never called"
+
+
+def test_chunked_prefill_with_prefix_hits_on_ascend_path(monkeypatch, fake_npu, chat_model_dir, video_6_frames):
+    """Chunks of 40 tokens sharing steps with a decode, then follow-ups on the cached prefix: the SplitFuse path
+    gives the portable path's tokens and logits."""
+    from atb_llm.models.cogvlm2_llama3_video.ascend_ops import AscendOps
+
+    items = [MultimodalInput("What's deep learning?"), MultimodalInput("What happens?", video_6_frames)]
+    follow_ups = [MultimodalInput("What's deep learning? Explain."), MultimodalInput("And then?", video_6_frames)]
+    results = {}
+    for backend in ("portable", "ascend"):
+        monkeypatch.setenv(DEVICE_OPS_ENV, backend)
+        results[backend] = run_model(chat_model_dir, items, 4, follow_ups, max_prefill_tokens=40)
+    assert results["portable"][0] is PortableOps and results["ascend"][0] is AscendOps
+    for (want_tokens, want_logits), (got_tokens, got_logits) in zip(results["portable"][1], results["ascend"][1]):
+        assert got_tokens == want_tokens
+        assert (got_logits - want_logits).abs().max().item() < 1e-4
+    assert fake_npu.CALLS["_npu_paged_attention_splitfuse"] > 0

@@ -78,7 +78,7 @@ def test_failure_inside_the_engine_frees_blocks(runner, video_6_frames):
     good = runner.prepare_request(MultimodalInput("Fine?", video_6_frames), SAMPLING)
     broken = runner.prepare_request(MultimodalInput("Broken frames?", video_6_frames), SAMPLING)
     broken.pixel_values = torch.zeros(6, 4, 224, 224)  # wrong channel count reaches the vision tower
-    broken.video_key = None
+    broken.video_key, broken.vision_embeds = None, None
     engine = runner.make_engine()
     engine.generate([good, broken])
     assert broken.finish_reason == "error" and "pixel_values must be [frames, 3, H, W]" in broken.error

@@ -96,26 +96,39 @@ def test_repetition_penalty_changes_greedy_output(runner):
     assert sum(t in seen for t in penalised.output_ids) <= sum(t in seen for t in plain.output_ids)
 
 
-def test_max_prefill_tokens_splits_prefill_batches(chat_model_dir):
+def test_max_prefill_tokens_bounds_the_prompt_tokens_of_a_step(chat_model_dir):
+    """Prompts are prefilled at most 30 tokens a step (a longer one in chunks, not refused), decodes share those
+    steps, and the greedy tokens are those of whole-prompt prefills."""
+    whole = make_runner(chat_model_dir, max_batch_size=4, max_output_length=4)
     runner = make_runner(chat_model_dir, max_batch_size=4, max_prefill_tokens=30, max_output_length=4)
-    requests = [text_request(runner, f"Question number {i} about something?", max_new_tokens=4, temperature=0.0,
-                             ignore_eos=True) for i in range(4)]
+    texts = [f"Question number {i} about something?" for i in range(3)] + ["A much longer question " * 8]
+
+    def requests(of):
+        return [text_request(of, text, max_new_tokens=4, temperature=0.0, ignore_eos=True) for text in texts]
+
+    expected = requests(whole)
+    whole.run(expected)
     engine = runner.make_engine()
-    prefill_sizes = []
+    runner.make_cache_manager().block_manager.reset_prefix_cache()
+    steps = []
     original = runner.model.forward
 
     def spy(**kwargs):
         if kwargs["is_prefill"]:
-            prefill_sizes.append(int(kwargs["input_ids"].numel()))
+            steps.append(dict(engine.last_step))
         return original(**kwargs)
 
+    chunked = requests(runner)
+    assert len(chunked[-1].prompt_ids) > 30
     runner.model.forward = spy
     try:
-        engine.generate(requests)
+        engine.generate(chunked)
     finally:
         runner.model.forward = original
-    assert all(size <= 30 for size in prefill_sizes) and len(prefill_sizes) >= 2
-    assert all(r.error is None and len(r.output_ids) == 4 for r in requests)
+    assert all(step["prompt_tokens"] <= 30 for step in steps) and len(steps) >= 3
+    assert any(step["decodes"] for step in steps)
+    assert [r.output_ids for r in chunked] == [r.output_ids for r in expected]
+    assert all(r.error is None for r in chunked) and engine.blocks.all_free
 
 
 @pytest.mark.parametrize("storage", [torch.float16, torch.float32])
@@ -258,6 +271,7 @@ def test_identical_prompts_are_prefilled_once(runner, video_3_frames):
         return original(**kwargs)
 
     together = [request(seed) for seed in (1, 2, 3)]
+    runner.make_cache_manager().block_manager.reset_prefix_cache()  # else the runs above hand the prompt over
     runner.model.forward = spy
     try:
         engine = runner.make_engine()
@@ -267,4 +281,19 @@ def test_identical_prompts_are_prefilled_once(runner, video_3_frames):
     assert prefill_tokens == [len(together[0].prompt_ids)]  # one prefill of one copy
     assert [r.output_ids for r in together] == alone
     assert len({tuple(ids) for ids in alone}) > 1  # the seeds did make them differ
+    assert engine.blocks.all_free
+
+    # A different prompt finishing its prefill in the same step after a leader with siblings: each samples
+    # from its own logits row (siblings share their leader's).
+    other = runner.prepare_conversation([{"role": "user", "content": [{"text": "Something else."}]}],
+                                        SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True))
+    runner.run([other])
+    mixed = [request(1), request(2), runner.prepare_conversation(
+        [{"role": "user", "content": [{"text": "Something else."}]}],
+        SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True))]
+    runner.make_cache_manager().block_manager.reset_prefix_cache()
+    engine = runner.make_engine()
+    engine.generate(mixed)
+    assert [r.error for r in mixed] == [None] * 3
+    assert [r.output_ids for r in mixed] == [alone[0], alone[1], other.output_ids]
     assert engine.blocks.all_free

@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from atb_llm.models.cogvlm2_llama3_video.input_builder_cogvlm2_llama3_video import parse_conversation
 from atb_llm.runner.sampler import SamplingParams
 from examples.multimodal_runner import MultimodalPARunner
 from tests.reference import DenseReference, chat_token_ids, poison_kv_cache
@@ -46,10 +47,16 @@ def tokenizer(chat_model_dir):
     return AutoTokenizer.from_pretrained(chat_model_dir)
 
 
+def video_pixels(runner, conversation):
+    """The conversation's video as the model takes it, decoded here (the runner may hold its features)."""
+    video = parse_conversation(conversation).video
+    return None if video is None else runner.model.input_builder.load_video(video)
+
+
 def check_against_reference(runner, reference, tokenizer, conversation, query, history, template="chat"):
     request = runner.prepare_conversation(conversation, greedy())
     assert request.error is None, request.error
-    pixels = request.pixel_values
+    pixels = video_pixels(runner, conversation)
     frames = 0 if pixels is None else pixels.shape[0]
     ids, is_vision = chat_token_ids(tokenizer, reference.config, query, history, frames, template)
     assert request.prompt_ids == ids, "token layout differs from docs/MODEL.md section 4"

@@ -98,7 +98,8 @@ def test_service_path_shm_matches_direct_path(runner, video_6_frames, tmp_path):
     media.mkdir(parents=True)
     video = str(media / "clip.mp4")
     shutil.copyfile(video_6_frames, video)
-    ids = runner.model.router.tokenize([{"video": video}, {"text": "What is shown?"}])
+    # The runner may hold this content's features already: the shm path is the one that decodes.
+    ids = runner.model.router.tokenize([{"video": video}, {"text": "What is shown?"}], use_video_cache=False)
     assert ids.dim() == 1 and ids.dtype == torch.int64
     codes = ids[ids < 0]
     assert len(codes) == 2
@@ -129,8 +130,9 @@ def test_prefill_from_ids_alone_through_forward(runner, video_6_frames, tmp_path
     (tmp_path / "a" / "b").mkdir(parents=True)
     video = str(tmp_path / "a" / "b" / "v.mp4")
     shutil.copyfile(video_6_frames, video)
-    ids = runner.model.router.tokenize([{"video": video}, {"text": "Hi"}])
+    ids = runner.model.router.tokenize([{"video": video}, {"text": "Hi"}], use_video_cache=False)
     direct = ask(runner, "Hi", video)
+    pixels = runner.model.input_builder.load_video(video)
     model = runner.model.model
     cache = runner.make_cache_manager()
     blocks = cache.block_manager.allocate(len(ids))
@@ -141,7 +143,7 @@ def test_prefill_from_ids_alone_through_forward(runner, video_6_frames, tmp_path
                   block_tables=torch.tensor([blocks]), slots=slots,
                   input_lengths=torch.tensor([len(ids)], dtype=torch.int32), max_seq_len=len(ids))
     from_shm = model.forward(input_ids=ids, **common)
-    from_pixels = model.forward(input_ids=torch.tensor(direct.prompt_ids), pixel_values=[direct.pixel_values], **common)
+    from_pixels = model.forward(input_ids=torch.tensor(direct.prompt_ids), pixel_values=[pixels], **common)
     cache.block_manager.free(blocks)
     from atb_llm.utils.shm_utils import release_shared_memory
 
@@ -293,30 +295,145 @@ def test_prepare_prefill_token_for_the_multimodal_runner(runner, video_6_frames)
     common = dict(position_ids=positions, is_prefill=True, kv_cache=cache.kv_cache, block_tables=torch.tensor([blocks]),
                   slots=slots, input_lengths=torch.tensor([len(positions)]), max_seq_len=len(positions))
     from_embeds = model.forward(input_ids=embeds, **common)
-    from_ids = model.forward(input_ids=torch.tensor(direct.prompt_ids), pixel_values=[direct.pixel_values], **common)
+    pixels = runner.model.input_builder.load_video(video_6_frames)
+    from_ids = model.forward(input_ids=torch.tensor(direct.prompt_ids), pixel_values=[pixels], **common)
     cache.block_manager.free(blocks)
     assert (from_embeds - from_ids).abs().max().item() < 1e-5
 
 
-def test_second_question_on_a_video_skips_the_vision_tower(runner, video_6_frames, video_3_frames):
-    model = runner.model.model
-    calls = []
-    original = model.encode_video
+def test_follow_up_skips_decoding_and_the_vision_tower(runner, video_6_frames, video_3_frames, tmp_path):
+    model, builder = runner.model.model, runner.model.input_builder
+    encoded, decoded = [], []
+    original_encode, original_load = model.start_video_encoding, builder.load_video
 
-    def counting(pixels):
-        calls.append(pixels.shape[0])
-        return original(pixels)
+    def counting_encode(pixels):  # the engine runs the tower through it, a few layers per step when chunking
+        encoded.append(pixels.shape[0])
+        return original_encode(pixels)
 
-    model.encode_video = counting
+    def counting_load(path):
+        decoded.append(os.path.basename(path))
+        return original_load(path)
+
+    model.start_video_encoding, builder.load_video = counting_encode, counting_load
+    copy = str(tmp_path / "same_content.mp4")  # another name, the same bytes: the same video
+    shutil.copyfile(video_6_frames, copy)
+    prefix_cache = runner.make_cache_manager().block_manager
     try:
-        engine = runner.make_engine()
-        first = [ask(runner, "First question?", video_6_frames), ask(runner, "Other video?", video_3_frames)]
-        engine.generate(first)
-        second = ask(runner, "A second question about the first video?", video_6_frames)
-        engine.generate([second])
+        runner.forget_videos()
+        prefix_cache.reset_prefix_cache()  # cached prompt blocks would spare the tower too (a prefix-cache test)
+        # Two questions on one video prepared together decode it once; the tower runs once per video.
+        first = [ask(runner, "First question?", video_6_frames), ask(runner, "Other video?", video_3_frames),
+                 ask(runner, "Again the first?", video_6_frames)]
+        runner.run(first)
+        assert decoded == ["six.mp4", "three.mp4"] and encoded == [6, 3]
+        second = ask(runner, "A second question about the first video?", copy)
+        assert second.pixel_values is None and second.vision_embeds is not None  # neither decoded nor encoded
+        runner.run([second])
     finally:
-        model.encode_video = original
-    assert calls == [6, 3]  # the third request reused the first video's features
+        del model.start_video_encoding, builder.load_video  # the class's methods again
+    assert decoded == ["six.mp4", "three.mp4"] and encoded == [6, 3]
+    assert all(r.error is None for r in [*first, second])
+    runner.forget_videos()
+    prefix_cache.reset_prefix_cache()
     fresh = ask(runner, "A second question about the first video?", video_6_frames)
-    runner.run([fresh])  # a new engine, an empty cache: same answer
-    assert second.output_ids == fresh.output_ids and second.error is None
+    assert fresh.pixel_values is not None
+    runner.run([fresh])  # decoded and encoded again: the same answer
+    assert second.output_ids == fresh.output_ids
+
+
+# -- prefix cache and chunked prefill ------------------------------------------------------------------------
+
+def _greedy_with_logits(engine, requests):
+    logits = {}
+    engine.on_logits = lambda ids, rows: [logits.setdefault(i, []).append(r.clone()) for i, r in zip(ids, rows)]
+    engine.generate(requests)
+    engine.on_logits = None
+    return [torch.stack(logits[r.request_id]) for r in requests]
+
+
+@pytest.mark.parity
+def test_chunked_prefill_and_prefix_cache_match_the_dense_reference(chat_model_dir, video_6_frames):
+    """A video prompt prefilled in 48-token chunks while another sequence decodes, then the next turn of its
+    conversation reusing the first turn's blocks: greedy tokens equal the dense reference's and logits are
+    within 1e-4, over a NaN-poisoned cache (nothing outside a sequence's context is ever read)."""
+    from tests.reference import DenseReference
+    from tests.test_model_equivalence import video_pixels
+
+    steps = 12
+    runner = make_runner(chat_model_dir, max_batch_size=2, block_size=16, max_prefill_tokens=48,
+                         max_output_length=steps)
+    reference = DenseReference(chat_model_dir)
+    poison_kv_cache(runner.make_cache_manager())
+    engine = runner.make_engine()
+    runner.forget_videos()
+    video = [{"type": "video_url", "video_url": video_6_frames}]
+    first_turn = [{"role": "user", "content": [*video, {"type": "text", "text": "What happens first?"}]}]
+    text = ask(runner, "A text question that decodes meanwhile.", sampling=greedy(steps))
+    first = runner.prepare_conversation(first_turn, greedy(steps))
+    shared, jobs = [], []
+    original, start_encoding = runner.model.forward, runner.model.model.start_video_encoding
+
+    def spy(**kwargs):
+        if kwargs["is_prefill"]:
+            shared.append(dict(engine.last_step))
+        return original(**kwargs)
+
+    def encoding(pixels):
+        jobs.append(pixels.shape[0])
+        return start_encoding(pixels)
+
+    runner.model.forward, runner.model.model.start_video_encoding = spy, encoding
+    try:
+        logits = _greedy_with_logits(engine, [text, first])
+    finally:
+        runner.model.forward = original
+        del runner.model.model.start_video_encoding
+    assert len(first.prompt_ids) > 400 and first.error is None  # far longer than one chunk: not refused
+    assert jobs == [1] * 6, "a frame's tower work costs more than 48 tokens: one frame at a time, over steps"
+    assert all(step["prompt_tokens"] <= 48 for step in shared)
+    assert sum(1 for step in shared if step["decodes"] and step["prompt_tokens"]) >= 5, shared
+    second_turn = [*first_turn, {"role": "assistant", "content": first.text},
+                   {"role": "user", "content": "And then?"}]
+    second = runner.prepare_conversation(second_turn, greedy(steps))
+    logits += _greedy_with_logits(engine, [second])
+    common = next((i for i, (a, b) in enumerate(zip(first.prompt_ids, second.prompt_ids)) if a != b),
+                  len(first.prompt_ids))
+    assert second.cached_tokens >= common // 16 * 16 >= 400, "the second turn recomputed the first turn's prompt"
+    stats = engine.cache_stats()["prefix_cache"]
+    assert stats["hits"] >= second.cached_tokens and stats["queries"] >= len(second.prompt_ids)
+    assert engine.blocks.all_free
+    for request, got in zip([text, first, second], logits):
+        conversation = ([{"role": "user", "content": "A text question that decodes meanwhile."}]
+                        if request is text else first_turn if request is first else second_turn)
+        pixels = video_pixels(runner, conversation)
+        ids = request.prompt_ids
+        tokens, want = reference.greedy(ids, [i == 128002 for i in ids], pixels, steps)
+        assert request.output_ids == tokens
+        assert (got - want).abs().max().item() < 1e-4
+
+
+def test_two_videos_with_the_same_text_never_share(chat_model_dir, video_6_frames, tmp_path):
+    """Same frame count, same question, so the same token ids: only the videos' content hashes differ."""
+    from examples.models.cogvlm2_llama3_video.synthetic_video import write_synthetic_video
+
+    other = write_synthetic_video(str(tmp_path / "other.mp4"), seconds=5, fps=10, size=(96, 64), seed=9)
+    same = str(tmp_path / "renamed.mp4")
+    shutil.copyfile(video_6_frames, same)
+    runner = make_runner(chat_model_dir, max_batch_size=1, block_size=16, max_output_length=8)
+    poison_kv_cache(runner.make_cache_manager())
+    engine = runner.make_engine()
+    a = ask(runner, "Same question?", video_6_frames, greedy(8))
+    b = ask(runner, "Same question?", other, greedy(8))
+    assert a.prompt_ids == b.prompt_ids
+    a_logits, b_logits = _greedy_with_logits(engine, [a]) + _greedy_with_logits(engine, [b])
+    assert b.cached_tokens == 0
+    again = ask(runner, "Same question?", same, greedy(8))  # the first video's bytes under another name
+    again_logits = _greedy_with_logits(engine, [again])[0]
+    assert again.cached_tokens == (len(a.prompt_ids) - 1) // 16 * 16
+    assert again.output_ids == a.output_ids and (again_logits - a_logits).abs().max().item() < 1e-4
+    runner.forget_videos()
+    poison_kv_cache(runner.make_cache_manager())
+    alone = ask(runner, "Same question?", other, greedy(8))
+    alone_logits = _greedy_with_logits(runner.make_engine(), [alone])[0]
+    assert alone.output_ids == b.output_ids and (alone_logits - b_logits).abs().max().item() < 1e-5
+    assert engine.blocks.all_free

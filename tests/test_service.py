@@ -648,6 +648,30 @@ def test_client_disconnect_mid_stream_frees_blocks(server, clip):
 
 
 @pytest.mark.parity
+def test_follow_up_on_a_video_skips_decoding(server, clip, media_dir):
+    """The same video asked about again (here under another name: the identity is its content) is neither decoded
+    nor written to shared memory, and the prompt's cached KV blocks are reused; /debug/resources shows both."""
+    copy = os.path.join(media_dir, "follow_up.mp4")
+    shutil.copy(clip, copy)
+
+    def ask(path: str) -> str:
+        body = {"model": "cogvlm2", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": path}, {"type": "text", "text": "What is in this clip?"}]}]}
+        resp = server.client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["choices"][0]["message"]["content"]
+
+    first = ask(clip)
+    before = server.wait_idle()
+    again = ask(copy)
+    after = server.wait_idle()
+    assert again == first
+    assert after["released_shm_segments"] == before["released_shm_segments"], "the follow-up wrote shared memory"
+    assert after["vision_cache"]["hits"] > before["vision_cache"]["hits"]
+    assert after["prefix_cache"]["hits"] > before["prefix_cache"]["hits"]
+    assert after["prefix_cache"]["queries"] > before["prefix_cache"]["queries"]
+
+
 def test_zz_everything_released(server):
     """Runs last in this module: no KV block, request resource or shared-memory segment is left."""
     res = server.wait_idle()

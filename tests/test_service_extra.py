@@ -449,7 +449,8 @@ def test_video_fan_out_shares_one_decode(server, clip):  # noqa: F811
     assert [c["message"]["content"] for c in again["choices"]] == [c["message"]["content"] for c in first["choices"]]
     res = server.wait_idle()
     released = res["released_shm_segments"][len(before):]
-    assert released  # two requests, each decoded once: their segments are gone
+    # Each request decodes at most once (the second, a follow-up on the same video, not at all): gone again.
+    assert len(released) <= 1
     assert not [n for n in released if os.path.exists(os.path.join("/dev/shm", n))]
     # A client that gives up on an n=4 request: every sequence is aborted and freed.
     with pytest.raises(httpx.ReadTimeout):

@@ -233,26 +233,99 @@ def test_display_rotation(video_dir):
     assert decoded_indices(torch.rot90(clip, -1, dims=(2, 3))) == [0, 10]
 
 
-def test_long_video_is_not_decoded_whole(videos, monkeypatch):
-    """PyAV stops after the last chosen frame instead of decoding all 2700 frames."""
+def _count_decoded(monkeypatch) -> list:
     decoded = []
     original = vp._iter_decoded
 
-    def counting(container, stream):
-        for frame in original(container, stream):
+    def counting(container, stream, needed=None):
+        for frame in original(container, stream, needed):
             decoded.append(frame.pts)
             yield frame
 
     monkeypatch.setattr(vp, "_iter_decoded", counting)
+    return decoded
+
+
+def _sequential_frames(path: str, ids: list[int]) -> np.ndarray:
+    """Every frame decoded in order, the chosen ones kept: what a plain decode loop gives."""
+    with av.open(path) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return np.stack([frames[i] for i in ids])
+
+
+def test_long_video_is_not_decoded_whole(videos, monkeypatch):
+    """PyAV stops after the last chosen frame instead of decoding all 2700 frames, and the frames no other
+    frame references are skipped on the way."""
+    decoded = _count_decoded(monkeypatch)
     path = videos[(90, 30)]
     clip = vp.load_video_frames(path, "chat", backend="pyav")
-    assert decoded_indices(clip)[-1] == 690
-    assert len(decoded) == 691  # frames 0..690 of 2700
+    assert decoded_indices(clip) == expected_chat_ids(2700, 30)
+    assert len(decoded) < 691  # frames 0..690 of 2700 at most, some skipped
 
     decoded.clear()
     clip = vp.load_video_frames(path, "base", backend="pyav")
     assert decoded_indices(clip)[-1] == 1799
-    assert len(decoded) == 1800  # only the first minute
+    assert len(decoded) < 1800  # only the first minute
+
+
+def test_plan_decode_seeks_only_when_it_skips_enough():
+    keyframes = [0, 30, 60, 90]
+    # One frame a second on 1 s keyframe intervals: a seek to each keyframe.
+    assert vp.plan_decode([0, 30, 60, 90], keyframes, 12) == [(None, [0]), (30, [30]), (60, [60]), (90, [90])]
+    # Frames close together, or a keyframe only a few frames ahead: decode on.
+    assert vp.plan_decode([5, 10, 40], keyframes, 12) == [(None, [5, 10]), (30, [40])]
+    assert vp.plan_decode([20, 35], keyframes, 12) == [(None, [20, 35])]
+    assert vp.plan_decode([3, 3, 1], [], 12) == [(None, [1, 3])]  # no keyframes known: from the start
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv", "avi"])
+def test_short_keyframe_interval_seeks_with_identical_frames(video_dir, monkeypatch, container):
+    """A 30 fps clip with a keyframe every second: each chosen frame is reached by a seek, and the frames are
+    those of a full decode (and of decord)."""
+    codec = "mpeg4" if container == "avi" else "libx264"
+    path = write_synthetic_video(str(video_dir / f"gop30.{container}"), 30, 30, SIZE, codec=codec, gop=30)
+    ids = expected_chat_ids(900, 30)
+    decoded = _count_decoded(monkeypatch)
+    clip = vp.load_video_frames(path, "chat", backend="pyav")
+    assert decoded_indices(clip) == ids
+    assert np.array_equal(clip.permute(1, 2, 3, 0).numpy(), _sequential_frames(path, ids))
+    index = vp.scan_video(path, vp.probe_video(path))
+    plan = vp.plan_decode(ids, index.keyframes)
+    assert len(plan) > 10 and len(decoded) <= sum(frames[-1] - (key or 0) + 1 for key, frames in plan)
+    assert len(decoded) < 691 // 2, f"decoded {len(decoded)} frames; from the start it is 691"
+    if HAVE_DECORD:
+        assert torch.equal(vp.load_video_frames(path, "chat", backend="decord"), clip)
+
+
+def test_a_seek_that_misses_its_keyframe_decodes_from_the_start(video_dir, monkeypatch):
+    """A container whose seeks land past the keyframe asked for (a broken index): the frames are still exact."""
+    path = write_synthetic_video(str(video_dir / "gop30_miss.mp4"), 30, 30, SIZE, gop=30)
+    original = vp._open_container
+
+    class LandsLate:
+        def __init__(self, container):
+            self.container = container
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.container.__exit__(*exc)
+
+        def seek(self, offset, **kwargs):
+            seeks.append(offset)
+            self.container.seek(offset + 30 * 512, **kwargs)  # the next keyframe (time base 1/15360 at 30 fps)
+
+    seeks, passes = [], []
+    decode = vp._decode_chosen
+    monkeypatch.setattr(vp, "_open_container", lambda file, demuxer: LandsLate(original(file, demuxer)))
+    monkeypatch.setattr(vp, "_decode_chosen", lambda *args, seek: passes.append(seek) or decode(*args, seek=seek))
+    clip = vp.load_video_frames(path, "chat", backend="pyav")
+    assert len(seeks) == 1 and passes == [True, False]  # the first seek missed: decoded from the start
+    assert np.array_equal(clip.permute(1, 2, 3, 0).numpy(), _sequential_frames(path, expected_chat_ids(900, 30)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -312,6 +385,30 @@ def test_transform_matches_independent_computation(hw):
     # PyTorch derives source positions in float32 (~2e-5 off at x=300); values span ~4.
     np.testing.assert_allclose(out.numpy(), numpy_transform(clip.numpy()), atol=2e-4, rtol=0)
     torch.testing.assert_close(out, torch_batched_transform(clip), atol=1e-6, rtol=0)
+
+
+def per_frame_float_transform(clip: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """The transform as first written here (float32 normalise of each whole frame, then resize and crop):
+    the optimised one must give exactly its values."""
+    _, frames, height, width = clip.shape
+    new_h, new_w = (math.floor(height / width * size), size) if width < height else (
+        size, math.floor(width / height * size))
+    top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
+    mean = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
+    out = torch.empty(frames, 3, size, size)
+    for t in range(frames):
+        frame = (clip[:, t].to(torch.float32) / 255.0 - mean) / std
+        frame = F.interpolate(frame[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+        out[t] = frame[:, top:top + size, left:left + size]
+    return out
+
+
+@pytest.mark.parametrize("hw", [(720, 1280), (1280, 720), (1080, 1920), (224, 224), (225, 900), (37, 5), (3, 40)])
+def test_transform_is_bit_identical_to_the_whole_frame_computation(hw):
+    gen = torch.Generator().manual_seed(hw[0] * 7 + hw[1])
+    clip = torch.randint(0, 256, (3, 2, *hw), dtype=torch.uint8, generator=gen)
+    assert torch.equal(vp.transform_frames(clip), per_frame_float_transform(clip))
 
 
 def test_transform_geometry_non_square():

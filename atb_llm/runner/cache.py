@@ -1,4 +1,5 @@
 """Paged KV cache: per-layer (k, v) block tensors and the free list that hands blocks out."""
+import collections
 import math
 from collections.abc import Sequence
 
@@ -10,23 +11,39 @@ class OutOfBlocksError(RuntimeError):
 
 
 class BlockManager:
-    """A free list of KV blocks. Every block handed out must come back (leaks are bugs)."""
+    """KV blocks handed out by reference count, with a prefix cache over the free ones.
+
+    Every block handed out must come back (leaks are bugs). A full block whose K/V a sequence has computed can
+    be registered under the hash of its content (``register``); when its last user frees it, it joins the free
+    list *with* its content, so a later request whose prompt starts with the same tokens takes it back
+    (``acquire``) instead of recomputing it. Free blocks are reused least recently used first, cached ones
+    last: a cached block is evicted only when a block is needed and no uncached free block is left.
+    """
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
-        self._used = set()
+        # Free blocks in the order they are reused: uncached ones first, then cached ones, least recent first.
+        self._free: collections.OrderedDict[int, None] = collections.OrderedDict((b, None) for b in range(num_blocks))
+        self._refs: dict[int, int] = {}
+        self._hash_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
+        self.evictions = 0
 
     @property
     def num_free(self) -> int:
+        """Blocks a request can get: the unused ones, cached or not."""
         return len(self._free)
 
     @property
     def all_free(self) -> bool:
-        return not self._used
+        return not self._refs
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._block_of)
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
@@ -35,19 +52,75 @@ class BlockManager:
         return self.blocks_for(num_tokens) <= self.num_free
 
     def allocate(self, num_tokens: int) -> list[int]:
-        needed = self.blocks_for(num_tokens)
-        if needed > self.num_free:
-            raise OutOfBlocksError(f"{needed} KV blocks needed, {self.num_free} free")
-        blocks = [self._free.pop() for _ in range(needed)]
-        self._used.update(blocks)
+        return self.allocate_blocks(self.blocks_for(num_tokens))
+
+    def allocate_blocks(self, count: int) -> list[int]:
+        if count > self.num_free:
+            raise OutOfBlocksError(f"{count} KV blocks needed, {self.num_free} free")
+        blocks = []
+        for _ in range(count):
+            block, _ = self._free.popitem(last=False)
+            digest = self._hash_of.pop(block, None)
+            if digest is not None:  # its cached content is overwritten from now on
+                del self._block_of[digest]
+                self.evictions += 1
+            self._refs[block] = 1
+            blocks.append(block)
         return blocks
 
     def free(self, blocks: Sequence[int]) -> None:
+        """Drop one reference to each block; a block nobody uses any more becomes free (keeping its cached
+        content, if any, until it is reused). Blocks are given in sequence order: the later ones of a sequence
+        are reused before its earlier ones, which other prompts are likelier to share."""
         for block in blocks:
-            if block not in self._used:
+            if block not in self._refs:
                 raise ValueError(f"KV block {block} freed twice or never allocated")
-            self._used.remove(block)
-            self._free.append(block)
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block]:
+                continue
+            del self._refs[block]
+            self._free[block] = None
+            if block not in self._hash_of:
+                self._free.move_to_end(block, last=False)  # nothing to keep: reuse it first
+
+    # -- prefix cache ------------------------------------------------------------------------
+    def cached_prefix(self, hashes: Sequence[bytes]) -> list[int]:
+        """The blocks holding the longest run of ``hashes`` from the first one (nothing is taken)."""
+        blocks = []
+        for digest in hashes:
+            block = self._block_of.get(digest)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def num_unused(self, blocks: Sequence[int]) -> int:
+        """How many of these (cached) blocks are on the free list: taking them uses up free blocks."""
+        return sum(1 for block in blocks if block in self._free)
+
+    def acquire(self, blocks: Sequence[int]) -> None:
+        """Take one more reference to each cached block (off the free list if nobody held it)."""
+        for block in blocks:
+            if block in self._refs:
+                self._refs[block] += 1
+            else:
+                del self._free[block]
+                self._refs[block] = 1
+
+    def register(self, block: int, digest: bytes) -> bool:
+        """Record that ``block`` (in use, full) holds the content hashed as ``digest``. False when another block
+        already holds that content or this one is registered already (the first copy is the one kept)."""
+        if block not in self._refs or digest in self._block_of or block in self._hash_of:
+            return False
+        self._hash_of[block] = digest
+        self._block_of[digest] = block
+        return True
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached content (the K/V tensors were overwritten, e.g. re-initialised)."""
+        self._hash_of.clear()
+        self._block_of.clear()
 
 
 def copy_kv_blocks(kv_cache: list, src: torch.Tensor, dst: torch.Tensor) -> None:

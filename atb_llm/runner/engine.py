@@ -1,13 +1,18 @@
-"""Continuous-batching generation over the paged KV cache.
+"""Continuous-batching generation over the paged KV cache, with a prefix cache and chunked prefill.
 
-One thread calls ``step()``; other threads may ``add_request`` and ``abort`` at any time. Each step either
-prefills newly admitted requests (bounded by ``max_prefill_tokens``, ``max_batch_size`` and free KV
-blocks) or decodes one token for every running request. A request reserves the KV blocks for its prompt
-and its whole output budget at admission, so a running request never waits for memory.
+One thread calls ``step()``; other threads may ``add_request`` and ``abort`` at any time. A request is admitted
+when a batch slot and its KV blocks are free: it reserves the blocks for its prompt and its whole output budget,
+so a running request never waits for memory. Its prompt's leading full blocks are taken from the prefix cache
+when an earlier sequence computed the same tokens with the same video (block hashes chain the token ids and
+the video's content hash). Each step then runs one forward: every generating sequence decodes a token, and
+the prompts still being prefilled advance by up to ``max_prefill_tokens`` tokens together (chunked prefill),
+attending over what their sequence already has in the cache. A step with no prompt work is a plain decode;
+one with only whole prompts and nothing cached is a plain prefill.
 """
 import collections
 import hashlib
 import itertools
+import math
 import os
 import threading
 import time
@@ -22,18 +27,100 @@ from atb_llm.runner.detokenizer import IncrementalDetokenizer
 from atb_llm.runner.sampler import Sampler, SamplingParams, SequenceTokens, make_generator
 from atb_llm.utils.log import logger
 
+_IDENTITY_MEMO: "collections.OrderedDict[tuple, str]" = collections.OrderedDict()
+_IDENTITY_LOCK = threading.Lock()
+_IDENTITY_MEMO_SIZE = 1024
+
 
 def video_cache_key(path: str, template: str) -> str:
-    """Identity of a decoded video for the vision-feature cache: the file's identity (path, size, mtime),
-    or its content hash for inline videos written per request (``inline_*``), plus the frame rule."""
-    if os.path.basename(path).startswith("inline_"):
-        digest = hashlib.sha256()
+    """Identity of a decoded video for the vision-feature and prefix caches: the SHA-256 of the file's bytes
+    plus the frame rule, so two files with the same content share and two contents never do. The digest is
+    memoised by the file's (real path, device, inode, size, mtime, ctime): a follow-up on an unchanged file
+    costs one ``stat``, and any write to the file changes its mtime and ctime."""
+    info = os.stat(path)
+    signature = (os.path.realpath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    with _IDENTITY_LOCK:
+        digest = _IDENTITY_MEMO.get(signature)
+        if digest is not None:
+            _IDENTITY_MEMO.move_to_end(signature)
+    if digest is None:
+        hasher = hashlib.sha256()
         with open(path, "rb") as file:
             for chunk in iter(lambda: file.read(1 << 20), b""):
-                digest.update(chunk)
-        return f"sha256:{digest.hexdigest()}:{template}"
-    stat = os.stat(path)
-    return f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}:{template}"
+                hasher.update(chunk)
+        digest = hasher.hexdigest()
+        with _IDENTITY_LOCK:
+            _IDENTITY_MEMO[signature] = digest
+            while len(_IDENTITY_MEMO) > _IDENTITY_MEMO_SIZE:
+                _IDENTITY_MEMO.popitem(last=False)
+    return f"sha256:{digest}:{template}"
+
+
+class VisionCache:
+    """Tensors by video identity (vision features, or decoded frames), least recently used first out, bounded
+    by the bytes of the tensors it holds. Thread-safe: tokenizer threads look up while the engine inserts."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max(0, int(max_bytes))
+        self._entries: collections.OrderedDict[str, tuple[torch.Tensor, int]] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _size(tensor: torch.Tensor) -> int:
+        return tensor.numel() * tensor.element_size()
+
+    def get(self, key: str | None) -> torch.Tensor | None:
+        if key is None:
+            return None
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+
+    def frames(self, key: str | None) -> int | None:
+        """How many frames the cached video has (None when it is not cached); counts as a use."""
+        if key is None:
+            return None
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[1]
+
+    def put(self, key: str, tensor: torch.Tensor, frames: int) -> None:
+        size = self._size(tensor)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= self._size(old[0])
+            if size > self.max_bytes:
+                return  # larger than the whole budget: not kept
+            self._entries[key] = (tensor, int(frames))
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (evicted, _) = self._entries.popitem(last=False)
+                self._bytes -= self._size(evicted)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes,
+                    "hits": self.hits, "misses": self.misses}
+
+
+DEFAULT_VISION_CACHE_MB = 512
 
 
 class RequestError(ValueError):
@@ -51,7 +138,7 @@ class Request:
     position_ids: np.ndarray | None = None
     pixel_values: torch.Tensor | None = None  # [T, 3, 224, 224] frames for the vision slots
     vision_embeds: torch.Tensor | None = None  # or their features, already computed
-    video_key: str | None = None  # content identity of the video, for the vision-feature cache
+    video_key: str | None = None  # content identity of the video, for the vision-feature and prefix caches
     request_id: str = ""
     on_release: Callable[[], None] | None = None  # called once when the request ends (e.g. shm cleanup)
 
@@ -63,6 +150,8 @@ class Request:
     error: str | None = None
     blocks: list[int] = field(default_factory=list)
     max_new_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    prompt_hashes: list[bytes] | None = field(default=None, repr=False)  # its full blocks' prefix-cache hashes
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -70,6 +159,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def has_video(self) -> bool:
+        return (self.pixel_values is not None or self.vision_embeds is not None
+                or (bool(self.prompt_ids) and min(self.prompt_ids) < 0))
 
 
 @dataclass
@@ -86,7 +180,7 @@ class StepOutput:
 
 
 class _Running:
-    """A request's per-sequence decoding state."""
+    """A request's state from admission to its end: prefilling (``started`` False) then generating."""
 
     def __init__(self, request: Request, detokenizer: IncrementalDetokenizer, generator):
         self.request = request
@@ -94,21 +188,39 @@ class _Running:
         self.generator = generator
         # Service path: vision slots may hold negative shm codes, which are not vocabulary ids to penalise.
         self.tokens = SequenceTokens([t for t in request.prompt_ids if t >= 0])
+        self.prompt_len = len(request.prompt_ids)
         self.kv_len = 0  # tokens whose K/V are cached
         self.next_position = 0  # CogVLM position of the next token (not its index)
+        self.started = False  # the whole prompt is in the cache and tokens are being sampled
+        self.siblings: list[_Running] = []  # identical prompts waiting for this one's prefill
+        self.hit_blocks = 0  # leading blocks taken from the prefix cache
+        # Vision: slots before each prompt index and where the slots are; the features (complete, or being
+        # computed a few tower layers per step: ``vision_job``) and how many frames they cover.
+        self.vision_before: np.ndarray | None = None
+        self.slot_positions: np.ndarray | None = None
+        self.features: torch.Tensor | None = None
+        self.vision_complete = False
+        self.encoded_frames = 0
+        self.vision_job = None
+        # Prefix cache: the hash chain's seed (None: this sequence is not cached), block hashes, and how many
+        # leading blocks are registered.
+        self.hash_seed: bytes | None = None
+        self.hash_tokens: list[int] = []
+        self.hashes: list[bytes] = []
+        self.registered = 0
 
 
 class GenerationEngine:
     def __init__(self, runner, cache: CacheManager, max_batch_size: int, max_prefill_tokens: int,
                  max_seq_len: int, eos_token_ids: Sequence[int] = (), max_input_length: int = 0,
-                 max_waiting: int = 0, vision_cache_size: int = 8):
+                 max_waiting: int = 0, vision_cache: VisionCache | None = None, enable_prefix_cache: bool = True):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.runner = runner
         self.cache = cache
         self.blocks = cache.block_manager
         self.max_batch_size = max_batch_size
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens = max_prefill_tokens  # prompt tokens per step; <= 0: whole prompts
         self.max_seq_len = max_seq_len
         self.max_input_length = min(max_input_length or max_seq_len - 1, max_seq_len - 1)
         self.eos_token_ids = set(eos_token_ids)
@@ -120,8 +232,15 @@ class GenerationEngine:
         self._aborted: set = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._vision_cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
-        self.vision_cache_size = vision_cache_size
+        # Shared with whoever prepares requests (the runner, the service) so a follow-up skips decoding too.
+        self.vision_cache = vision_cache if vision_cache is not None else VisionCache(DEFAULT_VISION_CACHE_MB << 20)
+        self.enable_prefix_cache = enable_prefix_cache
+        # Prefix cache use, in prompt tokens: looked up (every admitted prompt) and found cached.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.prefill_tokens = 0  # prompt tokens computed
+        self.steps = 0
+        self.last_step: dict = {}  # what the last step ran: prompt tokens, decodes, sequences prefilled
         # Observer of each step's logits (request ids, [B, vocab]): for debugging and logit dumps.
         self.on_logits: Callable[[list[str], torch.Tensor], None] | None = None
         # Under tensor parallelism either every rank runs this engine in lockstep (offline, torchrun), or
@@ -131,6 +250,13 @@ class GenerationEngine:
                                and not getattr(runner, "leads_followers", False))
 
     # -- admission ---------------------------------------------------------------------------
+    def _vision_mask(self, ids: Sequence[int]) -> np.ndarray:
+        """Which prompt tokens are vision slots (the model's rule; negative shm codes always are)."""
+        mask_of = getattr(getattr(self.runner, "model", None), "vision_slot_mask", None)
+        tensor = torch.as_tensor(list(ids), dtype=torch.int64)
+        mask = mask_of(tensor) if mask_of is not None else tensor < 0
+        return mask.cpu().numpy().astype(bool)
+
     def check_request(self, request: Request) -> None:
         """Raise RequestError when the request can never run here."""
         prompt_len = len(request.prompt_ids)
@@ -139,9 +265,17 @@ class GenerationEngine:
         if prompt_len > self.max_input_length:
             raise RequestError(f"the prompt has {prompt_len} tokens, more than the maximum input length "
                                f"{self.max_input_length}")
-        if self.max_prefill_tokens > 0 and prompt_len > self.max_prefill_tokens:
-            raise RequestError(f"the prompt has {prompt_len} tokens, more than max_prefill_tokens "
-                               f"{self.max_prefill_tokens}")
+        vocab = getattr(getattr(self.runner, "config", None), "vocab_size", None)
+        top = max(request.prompt_ids)
+        if isinstance(vocab, int) and top >= vocab:
+            raise RequestError(f"token id {top} is outside the vocabulary [0, {vocab})")
+        slots = int(self._vision_mask(request.prompt_ids).sum())
+        if request.has_video and not slots:
+            raise RequestError("the request has a video but its prompt has no vision slots")
+        if slots and not request.has_video:
+            raise RequestError(f"the prompt has {slots} vision slots but no video")
+        if request.vision_embeds is not None and request.vision_embeds.shape[0] != slots:
+            raise RequestError(f"{request.vision_embeds.shape[0]} vision features for {slots} vision slots")
         request.sampling.validate()
         max_new = min(request.sampling.max_new_tokens, self.max_seq_len - prompt_len)
         if self.blocks.blocks_for(prompt_len + max_new) > self.blocks.num_blocks:
@@ -173,16 +307,29 @@ class GenerationEngine:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self._running) + sum(len(s.siblings) for s in self._running)
+
+    def cache_stats(self) -> dict:
+        """Prefix and vision cache use since this engine started (tokens for the prefix cache)."""
+        queries, hits = self.prefix_cache_queries, self.prefix_cache_hits
+        return {"prefix_cache": {"enabled": self.enable_prefix_cache, "queries": queries, "hits": hits,
+                                 "hit_rate": hits / queries if queries else 0.0,
+                                 "cached_blocks": self.blocks.num_cached, "evictions": self.blocks.evictions},
+                "prefill_tokens": self.prefill_tokens, "vision_cache": self.vision_cache.stats()}
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         outputs = self._apply_aborts()
-        batch = self._admit()
-        if batch:
-            outputs += self._prefill(batch)
-        elif self._running:
-            outputs += self._decode()
+        self._admit()
+        decodes = [s for s in self._running if s.started]
+        chunks, failed = self._plan()
+        outputs += failed
+        self.steps += 1
+        if chunks:
+            outputs += self._forward_step(decodes, chunks)
+        elif decodes:
+            self.last_step = {"prompt_tokens": 0, "decodes": len(decodes), "prefilling": 0}
+            outputs += self._decode(decodes)
         return outputs
 
     def _apply_aborts(self) -> list[StepOutput]:
@@ -192,46 +339,61 @@ class GenerationEngine:
             for request in waiting:
                 self._waiting.remove(request)
         outputs = [self._finish_request(request, "abort") for request in waiting]
-        for state in [s for s in self._running if s.request.request_id in aborted]:
+        if not aborted:
+            return outputs
+        for state in list(self._running):
+            for sibling in [s for s in state.siblings if s.request.request_id in aborted]:
+                state.siblings.remove(sibling)
+                outputs.append(self._finish_state(sibling, "abort"))
+            if state.request.request_id not in aborted:
+                continue
+            position = self._running.index(state)
             self._running.remove(state)
-            outputs.append(self._finish_request(state.request, "abort"))
+            if state.siblings:  # the next identical prompt takes over the prefill
+                heir, heir.siblings = state.siblings[0], state.siblings[1:]
+                state.siblings = []
+                self._running.insert(position, heir)
+            outputs.append(self._finish_state(state, "abort"))
         return outputs
 
-    def _admit(self) -> list[Request]:
-        batch, tokens = [], 0
+    def _admit(self) -> None:
         with self._lock:
-            while self._waiting and len(self._running) + len(batch) < self.max_batch_size:
+            while self._waiting and self.num_running < self.max_batch_size:
                 request = self._waiting[0]
-                prompt_len = len(request.prompt_ids)
-                if batch and self.max_prefill_tokens > 0 and tokens + prompt_len > self.max_prefill_tokens:
-                    break
-                if not self.blocks.can_allocate(prompt_len + request.max_new_tokens):
+                if not self._try_admit(request):
                     break  # first come, first served: later requests wait too
                 self._waiting.popleft()
-                request.blocks = self.blocks.allocate(prompt_len + request.max_new_tokens)
-                batch.append(request)
-                tokens += prompt_len
-        return batch
 
-    def _vision_features(self, request: Request) -> torch.Tensor | None:
-        if request.vision_embeds is not None:
-            return request.vision_embeds
-        from_shm = request.pixel_values is None and min(request.prompt_ids) < 0
-        if request.pixel_values is None and not from_shm:
-            return None
-        key = request.video_key
-        if key is not None and key in self._vision_cache:  # before reading the frames: they are not needed
-            self._vision_cache.move_to_end(key)
-            return self._vision_cache[key]
-        if from_shm:
-            # Service path: the frames wait in shared memory, named by codes in the vision slots.
-            request.pixel_values = self.runner.model.pixels_from_ids(torch.tensor(request.prompt_ids))
-        features = self.runner.model.encode_video(request.pixel_values)
-        if key is not None and self.vision_cache_size > 0:
-            self._vision_cache[key] = features
-            while len(self._vision_cache) > self.vision_cache_size:
-                self._vision_cache.popitem(last=False)
-        return features
+    def _try_admit(self, request: Request) -> bool:
+        prompt_len = len(request.prompt_ids)
+        total = self.blocks.blocks_for(prompt_len + request.max_new_tokens)
+        leader = self._leader_for(request)
+        if leader is not None:
+            hits = leader.request.blocks[:leader.hit_blocks]
+        else:
+            hits = self.blocks.cached_prefix(self._prompt_hashes(request)[:(prompt_len - 1) // self.blocks.block_size])
+        if total - len(hits) + self.blocks.num_unused(hits) > self.blocks.num_free:
+            return False
+        self.blocks.acquire(hits)
+        request.blocks = list(hits) + self.blocks.allocate_blocks(total - len(hits))
+        state = self._new_state(request)
+        state.hit_blocks = state.registered = len(hits)
+        state.kv_len = request.cached_tokens = len(hits) * self.blocks.block_size
+        self.prefix_cache_queries += prompt_len
+        self.prefix_cache_hits += state.kv_len
+        if leader is not None:
+            leader.siblings.append(state)
+        else:
+            self._running.append(state)
+        return True
+
+    def _leader_for(self, request: Request) -> _Running | None:
+        """A prompt being prefilled whose K/V this request can copy (e.g. the n sequences of one request)."""
+        identity = self._prompt_identity(request)
+        for state in self._running:
+            if not state.started and self._prompt_identity(state.request) == identity:
+                return state
+        return None
 
     @staticmethod
     def _prompt_identity(request: Request) -> tuple:
@@ -242,90 +404,280 @@ class GenerationEngine:
             video = None if tensor is None else id(tensor)
         return tuple(request.prompt_ids), video
 
-    def _prefill(self, batch: list[Request]) -> list[StepOutput]:
-        # Identical prompts (same ids, same video) are computed once; the others copy its KV blocks and
-        # sample their first token from its logits.
-        leaders: dict[tuple, Request] = {}
-        siblings: list[tuple[Request, Request]] = []
-        for request in batch:
-            leader = leaders.setdefault(self._prompt_identity(request), request)
-            if leader is not request:
-                siblings.append((request, leader))
-        outputs, ready, features = [], [], []
-        for request in leaders.values():  # vision per request, so one bad video fails only its request
-            try:
-                features.append(self._vision_features(request))
-                ready.append(request)
-            except Exception as error:
-                outputs.append(self._finish_request(request, "error", error=f"video: {error}"))
-        failed = {id(r) for r in leaders.values()} - {id(r) for r in ready}
-        for request, leader in siblings:
-            if id(leader) in failed:
-                outputs.append(self._finish_request(request, "error", error=f"video: {leader.error}"))
-        siblings = [(r, leader) for r, leader in siblings if id(leader) not in failed]
-        if not ready:
-            return outputs
-        bs = self.blocks.block_size
-        ids, positions, slots, lengths = [], [], [], []
-        row_of: dict[int, int] = {}
-        for request in ready:
-            prompt = request.prompt_ids
-            if request.position_ids is None:
-                request.position_ids = np.asarray(self.runner.generate_position_ids(np.asarray(prompt)),
-                                                  dtype=np.int64)
-            row_of[id(request)] = len(lengths)
-            ids.extend(prompt)
-            positions.extend(int(p) for p in request.position_ids)
-            slots.extend(request.blocks[i // bs] * bs + i % bs for i in range(len(prompt)))
-            lengths.append(len(prompt))
-        device = self.device
-        try:
-            logits = self.runner.forward(
-                input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-                position_ids=torch.tensor(positions, dtype=torch.int64, device=device),
-                is_prefill=True, kv_cache=self.cache.kv_cache, block_tables=self._block_tables(ready, lengths),
-                slots=torch.tensor(slots, dtype=torch.int64, device=device),
-                input_lengths=torch.tensor(lengths, dtype=torch.int64, device=device),
-                max_seq_len=max(lengths), lm_head_indices=torch.tensor(np.cumsum(lengths) - 1, device=device),
-                vision_embeds=features)
-        except Exception as error:
-            logger.error(f"prefill failed: {error}")
-            everyone = ready + [r for r, _ in siblings]
-            return outputs + [self._finish_request(r, "error", error=str(error)) for r in everyone]
-        for request, leader in siblings:
-            self._copy_prompt_kv(leader, request)
-            request.position_ids = leader.position_ids
-            row_of[id(request)] = row_of[id(leader)]
-        started = ready + [r for r, _ in siblings]
-        states = [self._start(request) for request in started]
-        self._running.extend(states)
-        rows = torch.tensor([row_of[id(r)] for r in started], device=logits.device)
-        return outputs + self._sample_and_update(states, logits.index_select(0, rows))
-
-    def _copy_prompt_kv(self, source: Request, target: Request) -> None:
-        """The prompt's cached K/V from ``source``'s blocks into ``target``'s (whole blocks: slots past the
-        prompt are overwritten as ``target`` decodes)."""
-        count = self.blocks.blocks_for(len(source.prompt_ids))
-        src = torch.tensor(source.blocks[:count], device=self.device)
-        dst = torch.tensor(target.blocks[:count], device=self.device)
-        # Through the runner when it has followers (their caches need the same copy); MindIE's has none.
-        copy = getattr(self.runner, "copy_kv_blocks", None) or copy_kv_blocks
-        copy(self.cache.kv_cache, src, dst)
-
-    def _start(self, request: Request) -> _Running:
-        """Decoding state of a request whose prompt is now in the KV cache."""
+    def _new_state(self, request: Request) -> _Running:
         sampling = request.sampling
         state = _Running(request, IncrementalDetokenizer(
             self.runner.tokenizer, list(request.prompt_ids), skip_special_tokens=sampling.skip_special_tokens,
             stop=sampling.stop, include_stop_str_in_output=sampling.include_stop_str_in_output),
             make_generator(sampling.seed))
-        state.kv_len = len(request.prompt_ids)
-        state.next_position = int(request.position_ids[-1]) + 1
-        request.first_token_time = time.perf_counter()
+        seed, hash_tokens = self._hash_basis(request)
+        state.hash_seed, state.hash_tokens = seed, hash_tokens
+        state.hashes = list(request.prompt_hashes or [])
+        if request.has_video:
+            mask = self._vision_mask(request.prompt_ids)
+            state.vision_before = np.concatenate([[0], np.cumsum(mask)])
+            state.slot_positions = np.flatnonzero(mask)
+        if request.position_ids is None:
+            request.position_ids = np.asarray(self.runner.generate_position_ids(np.asarray(request.prompt_ids)),
+                                              dtype=np.int64)
         return state
 
-    def _decode(self) -> list[StepOutput]:
-        states = list(self._running)
+    # -- prefix cache ------------------------------------------------------------------------
+    def _hash_basis(self, request: Request) -> tuple[bytes | None, list[int]]:
+        """The seed of a request's block-hash chain and its prompt tokens as hashed (vision slots as -1: the
+        video's content hash in the seed tells videos apart). No seed: the request is not cached (prefix cache
+        off, a video without a content key, or position ids given by the caller)."""
+        if not self.enable_prefix_cache or request.position_ids is not None:
+            return None, []
+        if request.has_video:
+            if request.video_key is None:
+                return None, []
+            seed = b"video:" + request.video_key.encode()
+            mask = self._vision_mask(request.prompt_ids)
+            tokens = [-1 if vision else int(t) for t, vision in zip(request.prompt_ids, mask)]
+        else:
+            seed, tokens = b"text", [int(t) for t in request.prompt_ids]
+        return seed, tokens
+
+    def _chain(self, seed: bytes, tokens: Sequence[int], hashes: list[bytes], full_blocks: int) -> list[bytes]:
+        """Extend ``hashes`` to the first ``full_blocks`` blocks of ``tokens``."""
+        bs = self.blocks.block_size
+        previous = hashes[-1] if hashes else hashlib.sha256(seed).digest()
+        for i in range(len(hashes), full_blocks):
+            block = np.asarray(tokens[i * bs:(i + 1) * bs], dtype=np.int64).tobytes()
+            previous = hashlib.sha256(previous + block).digest()
+            hashes.append(previous)
+        return hashes
+
+    def _prompt_hashes(self, request: Request) -> list[bytes]:
+        """Hashes of the prompt's full blocks (kept on the request while it waits for admission)."""
+        if request.prompt_hashes is None:
+            seed, tokens = self._hash_basis(request)
+            full = len(tokens) // self.blocks.block_size
+            request.prompt_hashes = [] if seed is None else self._chain(seed, tokens, [], full)
+        return request.prompt_hashes
+
+    def _register_blocks(self, state: _Running) -> None:
+        """Offer the sequence's computed full blocks to the prefix cache."""
+        if state.hash_seed is None:
+            return
+        full = state.kv_len // self.blocks.block_size
+        if full <= state.registered:
+            return
+        tokens = state.hash_tokens
+        if full * self.blocks.block_size > len(tokens):
+            tokens = tokens + list(state.request.output_ids)
+        self._chain(state.hash_seed, tokens, state.hashes, full)
+        blocks = state.request.blocks
+        for i in range(state.registered, full):
+            self.blocks.register(blocks[i], state.hashes[i])
+        state.registered = full
+
+    # -- scheduling --------------------------------------------------------------------------
+    def _plan(self) -> tuple[list[tuple[_Running, int, int, torch.Tensor | None]], list[StepOutput]]:
+        """This step's prompt work, first come first served within ``max_prefill_tokens`` prompt tokens, the
+        vision tower's work counted in the same tokens (``vision_layer_cost``): the chunks (state, start, end,
+        their vision features), and the outputs of requests whose video failed (only those fail)."""
+        budget = self.max_prefill_tokens if self.max_prefill_tokens > 0 else math.inf
+        chunks, failed = [], []
+        for state in list(self._running):
+            if state.started:
+                continue
+            if budget <= 0:
+                break
+            want = int(min(state.prompt_len, state.kv_len + budget))
+            try:
+                end = min(want, self._ready_end(state))
+                budget -= end - state.kv_len
+                if end < want and budget > 0:  # the chunk waits for frames: run the tower with what is left
+                    while self._ready_end(state) < want and budget > 0:
+                        budget -= self._advance_vision(state, budget)
+                    grown = int(min(want, self._ready_end(state), end + max(budget, 0)))
+                    budget -= grown - end
+                    end = grown
+                features = self._chunk_features(state, state.kv_len, end) if end > state.kv_len else None
+            except Exception as error:
+                self._running.remove(state)
+                failed += self._fail_with_siblings(state, f"video: {error}")
+                continue
+            if end > state.kv_len:
+                chunks.append((state, state.kv_len, int(end), features))
+        return chunks, failed
+
+    def _vision_source(self, state: _Running) -> None:
+        """On first need: the request's complete features (given, or cached), else its frames."""
+        if state.features is not None or state.vision_complete:
+            return
+        request = state.request
+        complete = request.vision_embeds if request.vision_embeds is not None else self.vision_cache.get(
+            request.video_key)
+        if complete is not None:
+            state.features, state.vision_complete = complete, True
+            return
+        if request.pixel_values is None:
+            # Service path: the frames wait in shared memory, named by codes in the vision slots.
+            request.pixel_values = self.runner.model.pixels_from_ids(torch.tensor(request.prompt_ids))
+        frames, slots = int(request.pixel_values.shape[0]), int(state.vision_before[-1])
+        if frames < 1 or slots % frames:
+            raise ValueError(f"{frames} frames cannot fill {slots} vision slots")
+
+    def _ready_end(self, state: _Running) -> int:
+        """The prompt index up to which the inputs of this sequence are ready (vision slots need features)."""
+        if state.vision_before is None or state.vision_complete:
+            return state.prompt_len
+        self._vision_source(state)
+        if state.vision_complete:
+            return state.prompt_len
+        slots = int(state.vision_before[-1])
+        ready = state.encoded_frames * (slots // int(state.request.pixel_values.shape[0]))
+        return state.prompt_len if ready >= slots else int(state.slot_positions[ready])
+
+    def _advance_vision(self, state: _Running, budget: float) -> float:
+        """Run the tower on the next frames for at most ``budget`` prompt tokens' worth (at least one layer);
+        returns the tokens' worth spent. A whole video in one go when the budget allows."""
+        model = self.runner.model
+        pixels = state.request.pixel_values
+        frames = int(pixels.shape[0])
+        cost = float(getattr(model, "vision_layer_cost", 0.0) or 0.0)
+        if not hasattr(model, "start_video_encoding"):  # a model without stepwise encoding: all at once
+            left = frames - state.encoded_frames
+            self._store_features(state, model.encode_video(pixels[state.encoded_frames:]), left)
+            return 0.0
+        if state.vision_job is None:
+            left = frames - state.encoded_frames
+            depth = max(1, len(model.vision.layers)) if hasattr(model, "vision") else 1
+            count = left if budget == math.inf or not cost else int(min(left, max(1, budget // (cost * depth))))
+            state.vision_job = model.start_video_encoding(pixels[state.encoded_frames:state.encoded_frames + count])
+        job = state.vision_job
+        layers = job.layers_left if budget == math.inf or not cost else int(
+            min(job.layers_left, max(1, budget // (cost * job.frames))))
+        job.advance(layers)
+        spent = layers * cost * job.frames
+        if not job.layers_left:
+            state.vision_job = None
+            self._store_features(state, job.result(), job.frames)
+        return spent
+
+    def _store_features(self, state: _Running, features: torch.Tensor, frames: int) -> None:
+        request = state.request
+        total, slots = int(request.pixel_values.shape[0]), int(state.vision_before[-1])
+        per_frame = slots // total
+        if features.shape[0] != frames * per_frame:
+            raise ValueError(f"{total} frames give {features.shape[0] // frames * total} vision features for "
+                             f"{slots} vision slots")
+        if state.features is None:
+            state.features = features.new_empty((slots, features.shape[1]))
+        first = state.encoded_frames * per_frame
+        state.features[first:first + features.shape[0]] = features
+        state.encoded_frames += frames
+        if state.encoded_frames == total:
+            state.vision_complete = True
+            if request.video_key is not None:
+                self.vision_cache.put(request.video_key, state.features, total)
+
+    def _chunk_features(self, state: _Running, start: int, end: int) -> torch.Tensor | None:
+        if state.vision_before is None:
+            return None
+        first, last = int(state.vision_before[start]), int(state.vision_before[end])
+        if first == last:
+            return None
+        self._vision_source(state)
+        return state.features[first:last]
+
+    def _forward_step(self, decodes: list[_Running], ready: list[tuple[_Running, int, int, torch.Tensor | None]]
+                      ) -> list[StepOutput]:
+        """One forward for the generating sequences (one token each) and this step's prompt chunks."""
+        outputs = []
+        bs = self.blocks.block_size
+        ids, positions, slots, q_lens, lengths, features, sampled = [], [], [], [], [], [], []
+        for state in decodes:
+            blocks = state.request.blocks
+            ids.append(state.tokens.output_ids[-1])
+            positions.append(state.next_position)
+            slots.append(blocks[state.kv_len // bs] * bs + state.kv_len % bs)
+            q_lens.append(1)
+            lengths.append(state.kv_len + 1)
+            features.append(None)
+            sampled.append(len(ids) - 1)
+        for state, start, end, chunk_features in ready:
+            request = state.request
+            ids.extend(request.prompt_ids[start:end])
+            positions.extend(int(p) for p in request.position_ids[start:end])
+            slots.extend(request.blocks[i // bs] * bs + i % bs for i in range(start, end))
+            q_lens.append(end - start)
+            lengths.append(end)
+            features.append(chunk_features)
+            if end == state.prompt_len:
+                sampled.append(len(ids) - 1)
+        states = decodes + [r[0] for r in ready]
+        plain = not decodes and all(start == 0 for _, start, _, _ in ready)  # nothing cached: a plain prefill
+        device = self.device
+        extra = {} if plain else {"q_lens": torch.tensor(q_lens, dtype=torch.int32)}
+        self.last_step = {"prompt_tokens": sum(q_lens[len(decodes):]), "decodes": len(decodes),
+                          "prefilling": len(ready)}
+        try:
+            logits = self.runner.forward(
+                input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+                position_ids=torch.tensor(positions, dtype=torch.int64, device=device),
+                is_prefill=True, kv_cache=self.cache.kv_cache,
+                block_tables=self._block_tables([s.request for s in states], lengths),
+                slots=torch.tensor(slots, dtype=torch.int64, device=device),
+                input_lengths=torch.tensor(lengths, dtype=torch.int64, device=device),
+                max_seq_len=max(lengths), lm_head_indices=torch.tensor(sampled or [len(ids) - 1], device=device),
+                vision_embeds=features, **extra)
+        except Exception as error:
+            logger.error(f"forward failed: {error}")
+            for state in states:
+                self._running.remove(state)
+            return outputs + [o for state in states for o in self._fail_with_siblings(state, str(error))]
+        self.prefill_tokens += self.last_step["prompt_tokens"]
+        for state in decodes:
+            state.kv_len += 1
+            state.next_position += 1
+        to_sample, rows = list(decodes), list(range(len(decodes)))
+        row = len(decodes) - 1  # the logits row of the last sampled position so far (siblings share their leader's)
+        for state, _, end, _ in ready:
+            state.kv_len = end
+            self._register_blocks(state)
+            if end < state.prompt_len:
+                continue
+            row += 1
+            for member in [state, *state.siblings]:
+                if member is not state:
+                    self._copy_prompt_kv(state, member)
+                    member.request.position_ids = state.request.position_ids
+                    self._running.append(member)
+                self._start(member)
+                to_sample.append(member)
+                rows.append(row)
+            state.siblings = []
+        if not to_sample:
+            return outputs
+        index = torch.tensor(rows, device=logits.device)
+        return outputs + self._sample_and_update(to_sample, logits.index_select(0, index))
+
+    def _copy_prompt_kv(self, source: _Running, target: _Running) -> None:
+        """The prompt's cached K/V from ``source``'s blocks into ``target``'s (whole blocks: slots past the
+        prompt are overwritten as ``target`` decodes). Blocks both share (prefix cache hits) stay as they are."""
+        count = self.blocks.blocks_for(source.prompt_len)
+        pairs = [(s, t) for s, t in zip(source.request.blocks[:count], target.request.blocks[:count]) if s != t]
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([t for _, t in pairs], device=self.device)
+        # Through the runner when it has followers (their caches need the same copy); MindIE's has none.
+        copy = getattr(self.runner, "copy_kv_blocks", None) or copy_kv_blocks
+        copy(self.cache.kv_cache, src, dst)
+        target.kv_len = source.kv_len
+
+    def _start(self, state: _Running) -> None:
+        """The prompt is in the KV cache: the sequence generates from now on."""
+        state.started = True
+        state.kv_len = state.prompt_len
+        state.next_position = int(state.request.position_ids[-1]) + 1
+        state.request.first_token_time = time.perf_counter()
+
+    def _decode(self, states: list[_Running]) -> list[StepOutput]:
         bs = self.blocks.block_size
         device = self.device
         slots = [s.request.blocks[s.kv_len // bs] * bs + s.kv_len % bs for s in states]
@@ -340,7 +692,8 @@ class GenerationEngine:
                 max_seq_len=max(s.kv_len + 1 for s in states))
         except Exception as error:
             logger.error(f"decode failed: {error}")
-            self._running.clear()
+            for state in states:
+                self._running.remove(state)
             return [self._finish_request(s.request, "error", error=str(error)) for s in states]
         for state in states:
             state.kv_len += 1
@@ -378,7 +731,7 @@ class GenerationEngine:
                     delta += state.detokenizer.finish()
                 request.text = state.detokenizer.text
                 self._running.remove(state)
-                output = self._finish_request(request, reason, token_ids=[token], delta=delta)
+                output = self._finish_state(state, reason, token_ids=[token], delta=delta)
             if i in logprobs:
                 chosen, top = logprobs[i]
                 request.output_logprobs.append(chosen)
@@ -415,6 +768,16 @@ class GenerationEngine:
         if len(state.request.output_ids) >= state.request.max_new_tokens:
             return "length"
         return None
+
+    def _fail_with_siblings(self, state: _Running, error: str) -> list[StepOutput]:
+        members, state.siblings = [state, *state.siblings], []
+        return [self._finish_state(member, "error", error=error) for member in members]
+
+    def _finish_state(self, state: _Running, reason: str, error: str | None = None,
+                      token_ids: list[int] | None = None, delta: str = "") -> StepOutput:
+        if error is None and state.request.blocks:
+            self._register_blocks(state)  # what it computed stays reusable after it ends
+        return self._finish_request(state.request, reason, error=error, token_ids=token_ids, delta=delta)
 
     def _finish_request(self, request: Request, reason: str, error: str | None = None,
                         token_ids: list[int] | None = None, delta: str = "") -> StepOutput:

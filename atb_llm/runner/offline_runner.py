@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from atb_llm.runner.cache import CacheConfig, CacheManager, ModelConfig
-from atb_llm.runner.engine import GenerationEngine, Request, video_cache_key
+from atb_llm.runner.engine import DEFAULT_VISION_CACHE_MB, GenerationEngine, Request, VisionCache, video_cache_key
 from atb_llm.runner.model_runner import ModelRunner
 from atb_llm.runner.sampler import SamplingParams
 from atb_llm.utils.log import logger, print_log
@@ -64,6 +64,10 @@ class PARunner:
         self.tokenizer = self.model.tokenizer
         self.max_seq_len = min(self.max_input_length + self.max_output_length, self.model.max_position_embeddings)
         self.cache_manager: CacheManager | None = None
+        # Kept across runs: a later question on a video this runner has seen skips its decoding and vision tower.
+        vision_cache_mb = kwargs.get("vision_cache_mb")
+        self.vision_cache = VisionCache((DEFAULT_VISION_CACHE_MB if vision_cache_mb is None else vision_cache_mb) << 20)
+        self.prefix_cache = not kwargs.get("no_prefix_cache", False)
 
     def make_cache_manager(self) -> CacheManager:
         if self.cache_manager is None:
@@ -76,7 +80,8 @@ class PARunner:
     def make_engine(self) -> GenerationEngine:
         return GenerationEngine(self.model, self.make_cache_manager(), max_batch_size=self.max_batch_size,
                                 max_prefill_tokens=self.max_prefill_tokens, max_seq_len=self.max_seq_len,
-                                max_input_length=self.max_input_length, eos_token_ids=eos_token_ids(self.model))
+                                max_input_length=self.max_input_length, eos_token_ids=eos_token_ids(self.model),
+                                vision_cache=self.vision_cache, enable_prefix_cache=self.prefix_cache)
 
     def text_request(self, text: str, sampling: SamplingParams, is_chat_model: bool) -> Request:
         if is_chat_model:
@@ -149,10 +154,19 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max_output_length", type=int, default=20)
     parser.add_argument("--max_position_embeddings", type=int, default=None)
     parser.add_argument("--max_batch_size", type=int, default=1)
-    parser.add_argument("--max_prefill_tokens", type=int, default=-1)
+    parser.add_argument("--max_prefill_tokens", "--max-prefill-tokens", dest="max_prefill_tokens", type=int,
+                        default=-1, help="prompt tokens prefilled per step; longer prompts go in chunks that share "
+                                         "steps with running decodes (<= 0: whole prompts)")
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--num_blocks", type=int, default=None,
                         help="KV blocks (default: one full sequence per batch slot)")
+    parser.add_argument("--vision_cache_mb", "--vision-cache-mb", dest="vision_cache_mb", type=int,
+                        default=DEFAULT_VISION_CACHE_MB,
+                        help="memory for the vision features of recent videos (LRU); a later question on one of "
+                             "them skips its decoding and vision tower (0 = off)")
+    parser.add_argument("--no_prefix_cache", "--no-prefix-cache", dest="no_prefix_cache", action="store_true",
+                        help="recompute every prompt instead of reusing the KV blocks of earlier prompts that start "
+                             "with the same tokens and video")
     parser.add_argument("--ignore_eos", action="store_true")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="compute dtype (default: config.json's torch_dtype)")
@@ -193,13 +207,48 @@ class MultimodalInput:
 
 
 class MultimodalPARunner(PARunner):
+    # Decoded frames of the last videos, so that several questions on one video prepared together (one batch)
+    # decode it once; the vision cache covers the videos the engine has already encoded.
+    DECODED_FRAMES_MB = 64
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._decoded = VisionCache(self.DECODED_FRAMES_MB << 20)
+        builder = self.model.input_builder
+        if builder is not None and hasattr(builder, "cached_video_frames"):
+            builder.cached_video_frames = self._known_video_frames
+
+    def forget_videos(self) -> None:
+        """Drop the vision features and decoded frames this runner holds."""
+        self.vision_cache.clear()
+        self._decoded.clear()
+
+    def _video_key(self, path: str) -> str:
+        return video_cache_key(path, self.model.input_builder.template)
+
+    def _known_video_frames(self, path: str) -> int | None:
+        key = self._video_key(path)
+        frames = self.vision_cache.frames(key)
+        return frames if frames is not None else self._decoded.frames(key)
+
     def prepare_conversation(self, conversation: list[dict], sampling: SamplingParams) -> Request:
-        """Decode the video and lay out the prompt; a bad input becomes a request that has already failed."""
+        """Decode the video and lay out the prompt; a bad input becomes a request that has already failed.
+        A video whose features (or frames) this runner already holds is not decoded again."""
         try:
             builder = self.model.input_builder
-            ids, pixels, video = builder.prepare(conversation)
-            key = video_cache_key(video, builder.template) if video else None
-            return Request(prompt_ids=ids, sampling=sampling, pixel_values=pixels, video_key=key)
+            prepared = builder.prepare_prompt(conversation)
+            key = self._video_key(prepared.video) if prepared.video else None
+            pixels, features = prepared.pixels, None
+            if prepared.cached:
+                features = self.vision_cache.get(key)
+                pixels = None if features is not None else self._decoded.get(key)
+                if features is None and pixels is None:  # evicted since the lookup: decode after all
+                    prepared = builder.prepare_prompt(conversation, use_cache=False)
+                    pixels = prepared.pixels
+            if pixels is not None and key is not None:
+                self._decoded.put(key, pixels, pixels.shape[0])
+            return Request(prompt_ids=prepared.ids, sampling=sampling, pixel_values=pixels, vision_embeds=features,
+                           video_key=key)
         except (ValueError, OSError) as error:
             return Request(prompt_ids=[], sampling=sampling, finish_reason="error", error=str(error))
 

@@ -12,6 +12,12 @@ Operators, called as vllm-ascend / MindIE call them:
   num_kv_heads, out)``: causal attention over a flattened ragged batch, written into ``out``
 - ``torch_npu._npu_paged_attention(query, key_cache, value_cache, num_kv_heads, num_heads, scale_value,
   block_table, context_lens, out)``: one query token per sequence over its paged context
+- ``torch_npu._npu_paged_attention_splitfuse(query, key_cache, value_cache, mask, block_table, seq_len,
+  context_lens, num_kv_heads, num_heads, scale_value, out)``: new tokens of sequences that already have K/V
+  in the cache (a prefix-cache hit, the next chunk of a prompt, decodes in the same step), ``seq_len`` their
+  count per sequence and ``context_lens`` each sequence's whole context, over the paged cache; ``mask`` holds
+  one row of the additive causal mask per new token, picked by the token's index in its sequence (vllm-ascend's
+  ChunkedPrefill state)
 """
 from collections.abc import Sequence
 from typing import ClassVar
@@ -33,6 +39,20 @@ def causal_mask(max_len: int, dtype: torch.dtype, device) -> torch.Tensor:
     masked = torch.ones(max_len, max_len, dtype=torch.bool, device=device).triu_(1)
     value = torch.finfo(torch.float32).min if dtype == torch.float16 else 1.0
     mask = torch.zeros(max_len, max_len, dtype=torch.float32, device=device).masked_fill_(masked, value)
+    return mask.to(dtype)
+
+
+def splitfuse_mask(q_lens: Sequence[int], context_lens: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """The SplitFuse operator's mask ``[sum(q_lens), max(context_lens)]``: for each new token, the row of the
+    causal mask at the token's index in its sequence (its index, not its CogVLM position), as an additive bias:
+    zero where it may attend, and where not, -inf for fp16 (the fp32 minimum, saturated) and -10000 for the
+    other dtypes (the bf16 bias vllm-ascend scales its mask to)."""
+    width = max(int(c) for c in context_lens)
+    index = torch.tensor([p for n, c in zip(q_lens, context_lens) for p in range(int(c) - int(n), int(c))],
+                         device=device)
+    masked = torch.arange(width, device=device).unsqueeze(0) > index.unsqueeze(1)
+    value = torch.finfo(torch.float32).min if dtype == torch.float16 else -10000.0
+    mask = torch.zeros(masked.shape, dtype=torch.float32, device=device).masked_fill_(masked, value)
     return mask.to(dtype)
 
 
@@ -91,6 +111,21 @@ class AscendOps:
             mask=AscendOps._mask(max(lengths), q.dtype, q.device),
             seq_len=torch.tensor(lengths, dtype=torch.int32),  # host tensor, as the kernel reads it on the CPU
             scale_value=scale, num_heads=q.shape[1], num_kv_heads=k.shape[1], out=out)
+        return out
+
+    @staticmethod
+    def prefix_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_tables: torch.Tensor, q_lens: Sequence[int], context_lens: torch.Tensor,
+                                 scale: float) -> torch.Tensor:
+        lengths = [int(n) for n in context_lens.tolist()]
+        q_lens = [int(n) for n in q_lens]
+        out = torch.empty_like(q)
+        _torch_npu()._npu_paged_attention_splitfuse(
+            query=q.contiguous(), key_cache=k_cache, value_cache=v_cache,
+            mask=splitfuse_mask(q_lens, lengths, q.dtype, q.device), block_table=block_tables.to(torch.int32),
+            seq_len=torch.tensor(q_lens, dtype=torch.int32),  # host tensors, read on the CPU by the kernel
+            context_lens=torch.tensor(lengths, dtype=torch.int32), num_kv_heads=k_cache.shape[2],
+            num_heads=q.shape[1], scale_value=scale, out=out)
         return out
 
     @staticmethod

@@ -52,6 +52,48 @@ class PortableOps:
         return torch.cat(outputs, dim=0)
 
     @staticmethod
+    def prefix_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_tables: torch.Tensor, q_lens: Sequence[int], context_lens: torch.Tensor,
+                                 scale: float) -> torch.Tensor:
+        """New tokens of sequences that may already have K/V in the cache: ``q [T, heads, head_dim]`` holds
+        ``q_lens[b]`` rows for sequence b, its tokens ``context_lens[b] - q_lens[b] .. context_lens[b] - 1``,
+        whose K/V were written to the cache before this call. Row j of sequence b attends causally over that
+        sequence's first ``context_lens[b] - q_lens[b] + j + 1`` cached tokens, read through
+        ``block_tables[b]``; nothing past ``context_lens[b]`` is read.
+
+        One-row sequences (decodes sharing the step) go through ``paged_decode_attention`` together; the
+        others gather their context and run SDPA with the causal offset as a mask."""
+        lengths = [int(n) for n in context_lens.tolist()]
+        q_lens = [int(n) for n in q_lens]
+        starts = [0]
+        for n in q_lens:
+            starts.append(starts[-1] + n)
+        out = torch.empty_like(q)
+        single = [b for b, n in enumerate(q_lens) if n == 1]
+        if single:
+            rows = torch.tensor([starts[b] for b in single], device=q.device)
+            index = torch.tensor(single, device=q.device)
+            out[rows] = PortableOps.paged_decode_attention(
+                q.index_select(0, rows), k_cache, v_cache, block_tables.index_select(0, index),
+                context_lens.index_select(0, index), scale)
+        block_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+        for b, n in enumerate(q_lens):
+            if n == 1:
+                continue
+            length = lengths[b]
+            blocks = block_tables[b, :-(-length // block_size)]
+            keys = k_cache[blocks].reshape(-1, kv_heads, head_dim)[:length].to(q.dtype)
+            values = v_cache[blocks].reshape(-1, kv_heads, head_dim)[:length].to(q.dtype)
+            past = length - n
+            allowed = torch.arange(length, device=q.device) <= torch.arange(past, length, device=q.device)[:, None]
+            query = q[starts[b]:starts[b + 1]].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
+            attended = F.scaled_dot_product_attention(query, keys.transpose(0, 1).unsqueeze(0),
+                                                      values.transpose(0, 1).unsqueeze(0), attn_mask=allowed,
+                                                      scale=scale, enable_gqa=True)
+            out[starts[b]:starts[b + 1]] = attended.squeeze(0).transpose(0, 1)
+        return out
+
+    @staticmethod
     def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
         """One query token per sequence ``q [B, heads, head_dim]`` over its cached context.

@@ -1,6 +1,6 @@
 """Prompt, token layout and position ids of cogvlm2-video-llama3-chat (docs/MODEL.md sections 4 and 5)."""
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -8,7 +8,11 @@ import torch
 
 from atb_llm.models.base.input_builder import InputBuilder
 from atb_llm.models.cogvlm2_llama3_video.config_cogvlm2_llama3_video import TEMPLATES, VISION_TOKENS_PER_FRAME
-from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import MAX_VIDEO_PIXELS, load_video
+from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import (
+    MAX_VIDEO_PIXELS,
+    check_video_file,
+    load_video,
+)
 from atb_llm.utils import shm_utils
 
 ANSWER_ROLES = ("assistant", "system")  # the seed's multi-turn example sends earlier answers as "system"
@@ -21,6 +25,17 @@ class Conversation:
     query: str
     history: list[tuple[str, str]]
     video: str | None
+
+
+@dataclass
+class PreparedPrompt:
+    """A conversation laid out for prefill. ``cached``: the video was not decoded because the host already has
+    its vision features (``cached_video_frames`` knew it); its slots hold the pad id and ``pixels`` is None."""
+
+    ids: list[int]
+    pixels: torch.Tensor | None
+    video: str | None
+    cached: bool = False
 
 
 def _content_parts(content) -> tuple[str, list[str]]:
@@ -104,6 +119,9 @@ def prompt_text(query: str, history: list[tuple[str, str]], template: str) -> st
 class Cogvlm2_llama3_videoInputBuilder(InputBuilder):
     # Frames larger than this are refused before decoding (a host serving untrusted video may lower it).
     max_video_pixels: int = MAX_VIDEO_PIXELS
+    # Set by a host that caches vision features (MindIE sets nothing): video path -> its frame count when the
+    # host already holds the video's features, else None. A hit lays out the vision slots without decoding.
+    cached_video_frames: Callable[[str], int | None] | None = None
 
     def __init__(self, tokenizer, config, **kwargs):
         super().__init__(tokenizer, max_length=config.max_position_embeddings, **kwargs)
@@ -138,17 +156,41 @@ class Cogvlm2_llama3_videoInputBuilder(InputBuilder):
     def load_video(self, path: str):
         return load_video(path, template=self.template, max_pixels=self.max_video_pixels)
 
+    def _cached_frames(self, video: str) -> int:
+        lookup = self.cached_video_frames
+        if lookup is None:
+            return 0
+        check_video_file(video)  # the same refusals as a decode (missing file, extension, size)
+        try:
+            return int(lookup(video) or 0)
+        except (OSError, ValueError):  # unreadable now: the decode below says why
+            return 0
+
+    def prepare_prompt(self, conversation: list[dict], use_cache: bool = True) -> PreparedPrompt:
+        """Ids with pad-id vision slots and the video's frames; with ``use_cache`` and a host that already holds
+        the video's features, the frames are neither decoded nor transformed (``cached``)."""
+        parsed = parse_conversation(conversation)
+        pixels, frames = None, 0
+        if parsed.video is not None:
+            frames = self._cached_frames(parsed.video) if use_cache else 0
+            if not frames:
+                pixels = self.load_video(parsed.video)
+                frames = pixels.shape[0]
+        return PreparedPrompt(self.build_ids(parsed.query, parsed.history, frames), pixels, parsed.video,
+                              cached=pixels is None and frames > 0)
+
     def prepare(self, conversation: list[dict]) -> tuple[list[int], torch.Tensor | None, str | None]:
         """Direct path: (ids with pad-id vision slots, the video's frames or None, the video path)."""
-        parsed = parse_conversation(conversation)
-        pixels = self.load_video(parsed.video) if parsed.video is not None else None
-        num_frames = 0 if pixels is None else pixels.shape[0]
-        return self.build_ids(parsed.query, parsed.history, num_frames), pixels, parsed.video
+        prepared = self.prepare_prompt(conversation, use_cache=False)
+        return prepared.ids, prepared.pixels, prepared.video
 
     def make_context(self, rank: int, conversation: list[dict], add_generation_prompt: bool = True,
                      adapt_to_max_length: bool = False, **kwargs) -> list[int]:
-        """Service path: ids whose vision slots carry the shm codes of the preprocessed video."""
-        ids, pixels, video = self.prepare(conversation)
+        """Service path: ids whose vision slots carry the shm codes of the preprocessed video. When the host
+        already holds the video's features (``cached_video_frames``; ``use_video_cache=False`` turns the
+        lookup off), the slots keep the pad id and nothing is decoded or written to shared memory."""
+        prepared = self.prepare_prompt(conversation, use_cache=kwargs.get("use_video_cache", True))
+        ids, pixels, video = prepared.ids, prepared.pixels, prepared.video
         if pixels is None:
             return ids
         save_path = kwargs.get("shm_name_save_path") or os.path.join(

@@ -4,6 +4,7 @@
 Every module loads its tensors from ``Weights`` by explicit name; the LM linears are
 tensor-parallel (column / row) and the vision tower is replicated on every rank.
 """
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -173,18 +174,28 @@ class VisionTower(nn.Module):
         self.boi = _parameter(weights.get_tensor(f"{prefix}.boi"))
         self.eoi = _parameter(weights.get_tensor(f"{prefix}.eoi"))
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frames ``[T, 3, S, S]`` -> the transformer's input ``[T, 1 + g*g, D]`` (cls, then the patch grid)."""
         frames = pixels.shape[0]
         x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # [T, D, g, g]
-        grid = x.shape[-1]
         x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_embedding.expand(frames, -1, -1), x], dim=1) + self.position_embedding
-        for layer in self.layers:
+        return torch.cat([self.cls_embedding.expand(frames, -1, -1), x], dim=1) + self.position_embedding
+
+    def run_layers(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        for layer in self.layers[start:end]:
             x = layer(x)
+        return x
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformer's output -> features ``[T, 66, H]``: downsample, adapter, boi / eoi."""
+        frames, grid = x.shape[0], math.isqrt(x.shape[1] - 1)
         x = x[:, 1:].transpose(1, 2).reshape(frames, -1, grid, grid)  # drop cls, row-major grid
         x = self.conv(x).flatten(2).transpose(1, 2)  # [T, (g/2)^2, D]
         x = self.linear_proj(x)
         return torch.cat([self.boi.expand(frames, -1, -1), x, self.eoi.expand(frames, -1, -1)], dim=1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.project(self.run_layers(self.embed(pixels), 0, len(self.layers)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,8 +208,11 @@ class AttentionMetadata:
     is_prefill: bool
     slots: torch.Tensor  # [T] flat KV slots of this step's tokens
     seq_lens: Sequence[int]  # prefill: rows per sequence
-    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks]
-    context_lens: torch.Tensor | None = None  # decode: [B] tokens in cache incl. the new one
+    block_tables: torch.Tensor | None = None  # decode, and prefill over a cached prefix: [B, max_blocks]
+    context_lens: torch.Tensor | None = None  # decode: [B] tokens in cache incl. the new one(s)
+    # Prefill over a cached prefix (prefix cache, chunked prefill, decodes sharing the step): the new rows per
+    # sequence; sequence b's rows are its tokens context_lens[b] - q_lens[b] .. context_lens[b] - 1.
+    q_lens: Sequence[int] | None = None
 
 
 class RMSNorm(nn.Module):
@@ -254,7 +268,10 @@ class LlamaAttention(nn.Module):
         q, k = self.ops.rope(q, k, cos, sin)
         k_cache, v_cache = kv_cache
         self.ops.write_kv(k_cache, v_cache, k, v, meta.slots)
-        if meta.is_prefill:
+        if meta.is_prefill and meta.q_lens is not None:
+            out = self.ops.prefix_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.q_lens,
+                                                    meta.context_lens, self.scale)
+        elif meta.is_prefill:
             out = self.ops.prefill_attention(q, k, v, meta.seq_lens, self.scale)
         else:
             out = self.ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,

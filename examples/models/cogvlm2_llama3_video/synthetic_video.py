@@ -62,11 +62,13 @@ def write_synthetic_video(
     size: tuple[int, int] = (320, 240),
     codec: str = "libx264",
     seed: int = 0,
+    gop: int | None = None,
 ) -> str:
     """Write a ``round(seconds * fps)``-frame yuv420p video at ``fps`` to ``path``; return ``path``.
 
     ``size`` is (width, height) and must be even for yuv420p. The container follows the file
-    extension (.mp4, .avi, .mkv, ...); ``codec`` is any PyAV video encoder (libx264, mpeg4, ...).
+    extension (.mp4, .avi, .mkv, ...); ``codec`` is any PyAV video encoder (libx264, mpeg4, ...). ``gop``
+    fixes the keyframe interval in frames (default: the encoder's, 250 for libx264).
     """
     width, height = size
     if width % 2 or height % 2:
@@ -79,6 +81,8 @@ def write_synthetic_video(
         if codec == "libx264":
             # Fast and small; still a normal H.264 stream with B-frames and a regular GOP.
             stream.options = {"preset": "veryfast", "crf": "18"}
+        if gop:
+            stream.options = {**stream.options, "g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"}
         for index in range(num_frames):
             frame = av.VideoFrame.from_ndarray(synthetic_frame(index, size, seed), format="rgb24")
             frame.pts = index

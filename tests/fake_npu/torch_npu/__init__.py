@@ -143,3 +143,44 @@ def _npu_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cac
         values = torch.cat([value_cache[block] for block in blocks])[:length]
         allowed = torch.ones(1, length, dtype=torch.bool)
         out[b] = _attend(query[b:b + 1], keys, values, allowed, scale_value)[0].to(out.dtype)
+
+
+def _npu_paged_attention_splitfuse(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                                   mask: torch.Tensor, block_table: torch.Tensor, seq_len: torch.Tensor,
+                                   context_lens: torch.Tensor, num_kv_heads: int, num_heads: int,
+                                   scale_value: float, out: torch.Tensor) -> None:
+    """SplitFuse attention (chunked prefill, prefix-cache hits, decodes in the same batch): query
+    ``[T, num_heads, D]`` holds ``seq_len[b]`` (int32) new tokens of sequence b, in order; ``context_lens[b]``
+    (int32) is b's number of cached tokens including the new ones, whose K/V are already in the ND caches
+    ``[num_blocks, block_size, num_kv_heads, D]``, found through ``block_table[b]`` (int32). ``mask`` is
+    ``[T, >= max(context_lens)]`` in query's dtype, an additive bias per new token over its sequence's keys.
+    New token i of sequence b reads only the first ``context_lens[b]`` cached tokens. Written into ``out``."""
+    CALLS["_npu_paged_attention_splitfuse"] += 1
+    for tensor, name in ((block_table, "block_table"), (seq_len, "seq_len"), (context_lens, "context_lens")):
+        _check_index(tensor, name)
+    _check(query.dim() == 3 and query.shape[1] == num_heads, "query must be [T, num_heads, dim]")
+    _check(key_cache.shape[2] == num_kv_heads and value_cache.shape[2] == num_kv_heads, "num_kv_heads differs")
+    _check(num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads")
+    _check(query.dtype == key_cache.dtype == value_cache.dtype == mask.dtype == out.dtype, "dtypes must match")
+    _check(out.shape == query.shape, "out must have query's shape")
+    q_lens, lengths = seq_len.tolist(), context_lens.tolist()
+    _check(len(q_lens) == len(lengths) == block_table.shape[0], "one seq_len, context_len and block row per sequence")
+    _check(sum(q_lens) == query.shape[0], "seq_len must sum to the number of query tokens")
+    _check(all(0 < n <= c for n, c in zip(q_lens, lengths)), "each sequence needs 0 < seq_len <= context_len")
+    _check(mask.dim() == 2 and mask.shape[0] == query.shape[0] and mask.shape[1] >= max(lengths),
+           "mask must be [query tokens, longest context]")
+    block_size = key_cache.shape[1]
+    group = num_heads // num_kv_heads
+    start = 0
+    for b, (n, length) in enumerate(zip(q_lens, lengths)):
+        blocks = block_table[b, :math.ceil(length / block_size)].tolist()
+        keys = torch.cat([key_cache[block] for block in blocks])[:length]
+        values = torch.cat([value_cache[block] for block in blocks])[:length]
+        rows = slice(start, start + n)
+        bias = mask[rows, :length].float()
+        for head in range(num_heads):
+            scores = (query[rows, head].float() @ keys[:, head // group].float().T) * scale_value + bias
+            probs = torch.exp(scores - scores.max(dim=-1, keepdim=True).values)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+            out[rows, head] = (probs @ values[:, head // group].float()).to(out.dtype)
+        start += n
