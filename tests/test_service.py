@@ -704,9 +704,9 @@ def test_queue_full_timeouts_and_sigterm(long_context_model_dir, media_dir, clip
             next(chunks)
             waiting: dict = {}
             thread = threading.Thread(target=lambda: waiting.update(resp=srv.client.post(
-                "/v2/models/cogvlm2/generate", json={**TR, "parameters": {"timeout": 1, "max_new_tokens": 5}})))
+                "/v2/models/cogvlm2/generate", json={**TR, "parameters": {"timeout": 5, "max_new_tokens": 5}})))
             thread.start()
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60  # a bound on a hang, not a speed check: a loaded CI box can be slow
             while srv.resources()["requests_waiting"] < 1:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
@@ -715,7 +715,7 @@ def test_queue_full_timeouts_and_sigterm(long_context_model_dir, media_dir, clip
             assert full.json()["error_type"] == "Service Unavailable" and "queue is full" in full.json()["error"]
             assert srv.client.get("/v2/health/ready").status_code == 503
             assert srv.client.get("/v2/health/live").json() == {"message": "Service is alive but busy"}
-            thread.join(30)
+            thread.join(60)
             assert waiting["resp"].status_code == 500
             assert waiting["resp"].json() == {"error": "Engine callback timeout: client timeout",
                                               "error_type": "Incomplete Generation"}
@@ -740,7 +740,7 @@ def test_queue_full_timeouts_and_sigterm(long_context_model_dir, media_dir, clip
             rest = list(lines)
         assert any("The service has been stopped" in line for line in rest)
         assert srv.proc.wait(15) == 0
-        assert time.monotonic() - start < 10
+        assert time.monotonic() - start < 30  # a bound on a hang (the drain is immediate), not a speed check
         assert not [n for n in segments_before if os.path.exists(os.path.join("/dev/shm", n))]
     finally:
         srv.stop()
