@@ -704,7 +704,8 @@ def test_queue_full_timeouts_and_sigterm(long_context_model_dir, media_dir, clip
             next(chunks)
             waiting: dict = {}
             thread = threading.Thread(target=lambda: waiting.update(resp=srv.client.post(
-                "/v2/models/cogvlm2/generate", json={**TR, "parameters": {"timeout": 5, "max_new_tokens": 5}})))
+                "/v2/models/cogvlm2/generate", json={**TR, "parameters": {"timeout": 20, "max_new_tokens": 5}})))
+            # Its timeout must outlast the checks below, which a loaded CI box can stretch to seconds.
             thread.start()
             deadline = time.monotonic() + 60  # a bound on a hang, not a speed check: a loaded CI box can be slow
             while srv.resources()["requests_waiting"] < 1:
