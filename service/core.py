@@ -127,9 +127,15 @@ class Handle:
     async def batches(self, http_request=None) -> AsyncIterator[list[Event]]:
         """The step events of all sequences, grouped as they arrive (one engine step's outputs usually come
         together); aborts every unfinished sequence if the consumer stops early (disconnect, cancellation,
-        timeout). With ``http_request``, polls for a client disconnect every 200 ms."""
+        timeout). With ``http_request``, polls for a client disconnect every 200 ms, also while events keep
+        arriving (a non-streaming client that left would otherwise hold its slot until the last token)."""
+        checked = time.monotonic()
         try:
             while True:
+                if http_request is not None and time.monotonic() - checked >= 0.2:
+                    checked = time.monotonic()
+                    if await http_request.is_disconnected():
+                        return
                 wait = 0.2 if http_request is not None else None
                 if self.deadline is not None:
                     remaining = self.deadline - time.monotonic()
@@ -139,8 +145,6 @@ class Handle:
                 try:
                     first = await asyncio.wait_for(self.queue.get(), wait) if wait else await self.queue.get()
                 except asyncio.TimeoutError:
-                    if http_request is not None and await http_request.is_disconnected():
-                        return
                     continue
                 batch = [first]
                 while not self.queue.empty():
