@@ -19,8 +19,9 @@ import uvicorn
 from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import MAX_VIDEO_PIXELS
 from atb_llm.runner.engine import DEFAULT_VISION_CACHE_MB
 from atb_llm.utils.dist import destroy_distributed
-from service.app import HttpGuard, create_app
+from service.app import create_app
 from service.core import Service, ServiceConfig, demo_media_dir, follow
+from service.guard import HttpGuard
 from service.http_protocol import protocol_class
 from service.media import DEFAULT_MEDIA_DIR
 from service.runtime import sweep_stale_resources
@@ -96,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     allowed = args.allowed_media_dirs
     model_path = args.model_path
     if model_path is None:
-        from examples.models.cogvlm2_llama3_video.make_demo import ensure_demo
+        from atb_llm.demo.make_demo import ensure_demo
 
         model_path, video = ensure_demo()
         if allowed is None:

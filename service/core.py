@@ -25,15 +25,14 @@ from atb_llm.runner.engine import (
     VisionCache,
     video_cache_key,
 )
-from examples.run_pa import PARunner, eos_token_ids
-from service.errors import TOKEN_LIMIT, ApiError, invalid
+from atb_llm.runner.offline_runner import PARunner, eos_token_ids
+from service.errors import TOKEN_LIMIT, ApiError, QueueFull, ServiceStopped, TokenCountError, invalid
 from service.media import MediaResolver, precheck_content
 from service.params import INT63_MAX, GenParams
 from service.runtime import EngineLoop, Event, ResourceRegistry, Resources, Tokenizers
 
 logger = logging.getLogger("service")
 
-RETRY_AFTER_S = 1
 TEXT_BYTES_PER_TOKEN = 64  # default text limit: a token is rarely more than a few bytes of UTF-8
 
 
@@ -89,6 +88,42 @@ def text_pieces(value) -> list[str]:
         elif isinstance(content, list):
             pieces.extend(i["text"] for i in content if isinstance(i, dict) and isinstance(i.get("text"), str))
     return pieces
+
+
+@dataclass
+class Prompt:
+    """What a request asks about, in one of three forms: ``items`` (a string, or content items: text and
+    media), chat ``messages``, or prompt token ``ids`` given by the client (no tokenization)."""
+
+    items: list | str | None = None
+    messages: list | None = None
+    ids: list[int] | None = None
+
+
+class Prepared:
+    """A prompt past the cheap checks with its media resolved (``Service.prepare``), waiting for
+    ``Service.submit``. Holds the request's resources (temp directory, shared memory) and a place among the
+    requests being admitted until it is submitted or released."""
+
+    def __init__(self, service: Service, prompt: Prompt, resources: Resources):
+        self.service = service
+        self.prompt = prompt
+        self.resources = resources
+        self.resolver = MediaResolver(service.config.allowed_media_dirs, resources.tmpdir)
+        self.resolved: list | None = None  # plugin items, or the conversation of chat messages
+        self._open = True
+
+    def settled(self) -> None:
+        """No longer counted as being admitted (submitted, or given up)."""
+        if self._open:
+            self._open = False
+            self.service._admitting -= 1
+
+    def release(self) -> None:
+        """Give the request up before submitting it: frees what it holds."""
+        if self._open:
+            self.settled()
+            self.resources.release()
 
 
 class Handle:
@@ -288,7 +323,7 @@ class Service:
 
     def check_running(self) -> None:
         if self.stopping:
-            raise ApiError(503, "The service has been stopped")
+            raise ServiceStopped()
 
     @property
     def busy(self) -> bool:
@@ -334,68 +369,76 @@ class Service:
         free = max(0, self.config.max_batch_size - self.engine.num_running - waiting)
         waiting += max(0, self._admitting - free)
         if waiting >= limit:
-            raise ApiError(503, f"The waiting queue is full ({waiting} requests waiting or being prepared, the "
-                                f"limit is {limit}); retry later", headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise QueueFull(f"The waiting queue is full ({waiting} requests waiting or being prepared, the "
+                            f"limit is {limit}); retry later")
 
     def check_chars(self, text: str, message: str) -> None:
         n = utf16_len(text)
         if not 0 < n <= self.max_request_chars:
             raise invalid(message.format(limit=self.max_request_chars, got=n))
 
-    async def admit(self, *, items: list | str | None = None, messages: list | None = None,
-                    ids: list[int] | None = None, parse_params, token_message: str,
-                    client_timeout: bool = False) -> Handle:
-        """Cheap checks, media, parameters, tokenization, limits and enqueue (the spec's processing order).
+    async def prepare(self, prompt: Prompt) -> Prepared:
+        """The request's cheap checks and media, before its parameters are parsed (the spec's order).
 
-        First the text-size limit and a full queue (503), before any media is resolved or decoded.
-        ``parse_params()`` validates the sampling parameters (after media, as MindIE). ``token_message``
-        formats the token-count error (``{got}``). ``ids`` are prompt token ids given by the client (no
-        tokenization). For n / best_of > 1 the prompt is tokenized (and its video decoded) once and one engine
-        request per sequence is submitted; the resources are released when the last sequence ends. Everything
-        the request holds is released on any error.
+        First a stopping service (503), the text-size limit and a full queue (503), before any media is
+        resolved or decoded; then the media items become plugin items (local paths checked, inline videos
+        written to the request's temp directory). The caller parses its protocol's parameters, then calls
+        :meth:`submit` with the result, or :meth:`Prepared.release` if it gives up.
         """
         self.check_running()
-        if ids is None:
-            self.check_text(messages if messages is not None else items)
+        if prompt.ids is None:
+            self.check_text(prompt.messages if prompt.messages is not None else prompt.items)
         self.check_queue()
+        prepared = Prepared(self, prompt, Resources(self.registry))
         self._admitting += 1
         try:
-            return await self._admit(items, messages, ids, parse_params, token_message, client_timeout)
-        finally:
-            self._admitting -= 1
+            resolver = prepared.resolver
+            if prompt.messages is not None:
+                prepared.resolved = await self.tokenizers.run(self._resolve_messages, resolver, prompt.messages)
+            elif isinstance(prompt.items, str):
+                prepared.resolved = [{"text": prompt.items}]
+            elif prompt.items is not None:
+                prepared.resolved = await self.tokenizers.run(resolver.resolve, prompt.items)
+        except BaseException:
+            prepared.release()
+            raise
+        return prepared
 
-    async def _admit(self, items, messages, ids, parse_params, token_message: str, client_timeout: bool) -> Handle:
-        resources = Resources(self.registry)
+    async def submit(self, prepared: Prepared, params: GenParams, client_timeout: bool = False) -> Handle:
+        """Tokenization, limits and enqueue of a prepared prompt. For n / best_of > 1 the prompt is tokenized
+        (and its video decoded) once and one engine request per sequence is submitted; the resources are
+        released when the last sequence ends. Everything the request holds is released on any error.
+        Raises ``TokenCountError`` when the prompt cannot be tokenized or has no / too many tokens (each
+        protocol words it), ``ApiError`` otherwise."""
+        try:
+            return await self._submit(prepared, params, client_timeout)
+        finally:
+            prepared.settled()
+
+    async def _submit(self, prepared: Prepared, params: GenParams, client_timeout: bool) -> Handle:
+        resources, resolver, prompt = prepared.resources, prepared.resolver, prepared.prompt
+        ids = prompt.ids
         owned = True
         try:
-            resolver = MediaResolver(self.config.allowed_media_dirs, resources.tmpdir)
             features = None
             if ids is not None:
-                params: GenParams = parse_params()
                 self._check_ids(ids)
             else:
-                if messages is not None:
-                    conversation = await self.tokenizers.run(self._resolve_messages, resolver, messages)
-                elif isinstance(items, str):
-                    plugin_items = [{"text": items}]
-                else:
-                    plugin_items = await self.tokenizers.run(resolver.resolve, items)
-                params = parse_params()
+                is_chat = prompt.messages is not None
                 shm_path = resources.shm_path
-                prompt = conversation if messages is not None else plugin_items
                 try:
-                    ids = await self._tokenize(prompt, messages is not None, shm_path, resources, resolver,
-                                               token_message, use_video_cache=True)
+                    ids = await self._tokenize(prepared.resolved, is_chat, shm_path, resources, resolver,
+                                               use_video_cache=True)
                     features = self._cached_features(ids, resolver)
                     if features is False:  # laid out from the vision cache, evicted since: decode after all
-                        ids = await self._tokenize(prompt, messages is not None, shm_path, resources, resolver,
-                                                   token_message, use_video_cache=False)
+                        ids = await self._tokenize(prepared.resolved, is_chat, shm_path, resources, resolver,
+                                                   use_video_cache=False)
                         features = None
                 except asyncio.CancelledError:
                     owned = False  # released once the tokenizer thread is done with it
                     raise
             self.check_running()
-            base = self._build_request(ids, params, resources, resolver, token_message)
+            base = self._build_request(ids, params, resources, resolver)
             base.vision_embeds = features
             requests = self._fan_out(base, params.num_seqs, SharedRelease(resources, params.num_seqs))
             queue: asyncio.Queue = asyncio.Queue()
@@ -405,14 +448,13 @@ class Service:
                     self.loop.submit(request, queue)
                     submitted += 1
             except QueueFullError as error:
-                raise ApiError(503, f"The waiting queue is full: {error}; retry later",
-                               headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+                raise QueueFull(f"The waiting queue is full: {error}; retry later") from None
             except RequestError as error:
                 raise ApiError(424, f"Failed to enqueue inferRequest. {error}") from None
             except ValueError as error:
                 raise invalid(str(error)) from None
             except RuntimeError:
-                raise ApiError(503, "The service has been stopped") from None
+                raise ServiceStopped() from None
             finally:
                 if submitted < len(requests):
                     owned = False  # the SharedRelease below frees everything once each sequence is accounted
@@ -434,7 +476,7 @@ class Service:
         return Handle(self, requests, queue, params, deadline, reason, list(base.prompt_ids))
 
     async def _tokenize(self, prompt: list, is_chat: bool, shm_path: str, resources: Resources,
-                        resolver: MediaResolver, token_message: str, use_video_cache: bool) -> list[int]:
+                        resolver: MediaResolver, use_video_cache: bool) -> list[int]:
         """The plugin's service path in a tokenizer thread (it may decode the video and write shared memory).
         If the caller is cancelled meanwhile, ``resources`` are released once the thread is done with them."""
         function = self.tokenizers._chat if is_chat else self.tokenizers._items
@@ -446,7 +488,7 @@ class Service:
             raise
         except (ValueError, OSError, RuntimeError) as error:
             cause = _decode_cause(error, resolver, os.path.dirname(shm_path))
-            raise invalid(token_message.format(got=0) + f" Cause: {cause}") from None
+            raise TokenCountError(0, cause) from None
 
     def _cached_features(self, ids: list[int], resolver: MediaResolver):
         """The vision features of a prompt the plugin laid out from the vision cache (vision slots with the pad
@@ -503,11 +545,11 @@ class Service:
             conversation.append({"role": message["role"], "content": "" if content is None else content})
         return conversation
 
-    def _build_request(self, ids: list[int], params: GenParams, resources: Resources, resolver: MediaResolver,
-                       token_message: str) -> Request:
+    def _build_request(self, ids: list[int], params: GenParams, resources: Resources,
+                       resolver: MediaResolver) -> Request:
         n = len(ids)
         if not 0 < n <= TOKEN_LIMIT:
-            raise invalid(token_message.format(got=n))
+            raise TokenCountError(n)
         if params.truncate is not None and params.truncate < n:
             cut = n - params.truncate
             vision = [i for i, t in enumerate(ids) if t < 0 or t == self.pad_token_id]
