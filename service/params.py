@@ -462,6 +462,8 @@ def parse_tgi(body: dict, stream: bool) -> GenParams:
 # -- Triton /v2/models/{m}/generate[_stream] ------------------------------------------------------
 
 TRITON_ID = re.compile(r"^[a-zA-Z0-9_-]{1,256}$")
+TRITON_ID_RULE = ("The id can contain only digits, letters, underscores(_), hyphens(-) and no more than 256 words in "
+                  "length.")
 
 
 def parse_triton(body: dict, stream: bool) -> GenParams:
@@ -469,8 +471,7 @@ def parse_triton(body: dict, stream: bool) -> GenParams:
     request_id = body.get("id")
     if request_id is not None:
         if not isinstance(request_id, str) or not TRITON_ID.match(request_id):
-            raise invalid("The id can contain only digits, letters, underscores(_), hyphens(-) and no more than "
-                          "256 words in length.")
+            raise invalid(TRITON_ID_RULE)
         params.request_id = request_id
     p = get(body, "parameters", "object", "parameters must be object type.") or {}
     _temperature(p, params, zero_ok=False)

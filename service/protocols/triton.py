@@ -8,7 +8,7 @@ from fastapi.responses import Response
 
 from service.core import Prompt, Service
 from service.errors import TOKEN_LIMIT, ApiError, invalid
-from service.params import TRITON_ID, get, parse_triton, parse_triton_token
+from service.params import TRITON_ID, TRITON_ID_RULE, get, parse_triton, parse_triton_token
 from service.protocols.common import (
     TGI_REASONS,
     admit,
@@ -26,8 +26,6 @@ from service.protocols.generate import TOKEN_MSG
 from service.protocols.tgi import TGI_TOKEN_MSG
 
 _MODEL_NAME = r"[\w\-.]+"
-ID_RULE = ("The id can contain only digits, letters, underscores(_), hyphens(-) and no more than 256 words in "
-           "length.")
 
 
 def check_model(service: Service, model: str) -> None:
@@ -141,7 +139,7 @@ async def token_infer(service: Service, request: Request, model: str) -> Respons
     data = item["data"]
     user_id = get(body, "id", "string")
     if user_id is not None and not TRITON_ID.match(user_id):
-        raise invalid(ID_RULE)
+        raise invalid(TRITON_ID_RULE)
     outputs = body.get("outputs")
     if not isinstance(outputs, list):
         raise invalid("Req should contain 'outputs' and the type should be array.")
@@ -173,7 +171,7 @@ async def stop_infer(service: Service, request: Request, model: str) -> Response
         raise invalid("id must not be null.")
     stop_id = get(body, "id", "string")
     if not TRITON_ID.match(stop_id):
-        raise invalid(ID_RULE)
+        raise invalid(TRITON_ID_RULE)
     if not service.stop_request(stop_id):
         raise ApiError(404, f"RequestId is {stop_id} not found.")
     return json_response(body)
