@@ -19,9 +19,8 @@ import uvicorn
 from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import MAX_VIDEO_PIXELS
 from atb_llm.runner.engine import DEFAULT_VISION_CACHE_MB
 from atb_llm.utils.dist import destroy_distributed
-from service.app import create_app
+from service.app import build_asgi
 from service.core import Service, ServiceConfig, demo_media_dir, follow
-from service.guard import HttpGuard
 from service.http_protocol import protocol_class
 from service.media import DEFAULT_MEDIA_DIR
 from service.runtime import sweep_stale_resources
@@ -207,6 +206,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] "
                                                               "[%(name)s] %(message)s")
+    access = logging.getLogger("service.access")  # one JSON object per line (service/observe.py)
+    access_handler = logging.StreamHandler()
+    access_handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(access_handler)
+    access.propagate = False
     if os.environ.get("RANK", "0") == "0":  # a server, rank 0 or a supervisor (followers make no temp files)
         sweep_stale_resources()  # shared memory and temp files of servers that died without cleaning up
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -228,8 +232,8 @@ def main(argv=None) -> int:
         service = Service(config)
     except (ValueError, OSError, NotImplementedError) as error:
         build_parser().error(str(error))
-    app = HttpGuard(create_app(service, debug_routes=args.enable_debug_routes), service.config.max_body_mb,
-                    body_timeout=args.body_timeout, api_key=args.api_key)
+    app = build_asgi(service, debug_routes=args.enable_debug_routes, body_timeout=args.body_timeout,
+                     api_key=args.api_key)
     _raise_open_file_limit(args.max_connections)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=5, access_log=False,

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.core import Service
 from service.errors import ApiError, new_error_id
 from service.guard import HttpGuard
+from service.observe import Observe, request_id_of
 from service.protocols import generate, health, mindie, openai, tgi, triton
 from service.protocols.common import collect_all, error_response
 
@@ -37,6 +38,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/v2/health/live", health.live),
     ("GET", "/v2/models/{model}/ready", health.model_ready),
     ("GET", "/info", health.info),
+    ("GET", "/metrics", health.metrics),  # Prometheus text format (service/metrics.py)
 ]
 DEBUG_ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/debug/resources", health.debug_resources),  # not in MindIE
@@ -66,7 +68,7 @@ def create_app(service: Service, debug_routes: bool = False) -> FastAPI:
     @app.exception_handler(Exception)
     async def _internal(request: Request, error: Exception):
         # The details (traceback, library text) go to the log only; the client gets an id to quote.
-        rid = new_error_id()
+        rid = request_id_of(request.scope) or new_error_id()
         logger.error(f"internal error {rid} on {request.method} {request.url.path}", exc_info=error)
         return Response(f"Server internal error (request id {rid})", status_code=500, media_type="text/plain",
                         headers={"Connection": "close", "X-Request-Id": rid})
@@ -82,4 +84,14 @@ def create_app(service: Service, debug_routes: bool = False) -> FastAPI:
     return app
 
 
-__all__ = ["ROUTES", "HttpGuard", "collect_all", "create_app"]
+def build_asgi(service: Service, *, debug_routes: bool = False, body_timeout: float = 30.0,
+               api_key: str | None = None) -> Observe:
+    """What the server runs: the routes behind the guard (API key, body limits), behind the request id, access
+    log and error counters."""
+    app = create_app(service, debug_routes=debug_routes)
+    guarded = HttpGuard(app, service.config.max_body_mb, body_timeout=body_timeout, api_key=api_key)
+    routes = [path for _, path, _ in ROUTES + (DEBUG_ROUTES if debug_routes else [])]
+    return Observe(guarded, getattr(service, "metrics", None), routes)
+
+
+__all__ = ["ROUTES", "HttpGuard", "build_asgi", "collect_all", "create_app"]

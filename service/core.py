@@ -28,6 +28,7 @@ from atb_llm.runner.engine import (
 from atb_llm.runner.offline_runner import PARunner, eos_token_ids
 from service.errors import TOKEN_LIMIT, ApiError, QueueFull, ServiceStopped, TokenCountError, invalid
 from service.media import MediaResolver, precheck_content
+from service.metrics import Metrics, SequenceTimer
 from service.params import INT63_MAX, GenParams
 from service.runtime import EngineLoop, Event, ResourceRegistry, Resources, Tokenizers
 
@@ -145,6 +146,8 @@ class Handle:
         self.finished = False
         self.stopped = False  # aborted by /v2/models/{m}/stopInfer: ends as a normal stop_sequence
         self.name: str | None = None  # the id /stopInfer knows this request by
+        self.timer = SequenceTimer(getattr(service, "metrics", None), self.submit_time, len(requests),
+                                   len(prompt_ids))
 
     @property
     def request(self) -> Request:
@@ -182,8 +185,10 @@ class Handle:
                     batch.append(self.queue.get_nowait())
                 for event in batch:
                     event.index = self.index.get(event.output.request_id, 0)
+                    self.timer.tokens(event.index, len(event.output.token_ids), event.time)
                     if event.output.finished:
                         self.done[event.index] = True
+                        self.timer.finished(event.output.finish_reason, event.time)
                 self.finished = all(self.done)
                 yield batch
                 if self.finished:
@@ -274,6 +279,7 @@ class Service:
         self.max_request_chars = config.max_body_mb * 2**20
         self.max_text_bytes = config.max_text_bytes or TEXT_BYTES_PER_TOKEN * self.max_input_length
         self._admitting = 0  # requests between the queue check and their submission (media, decoding)
+        self.metrics = Metrics(lambda: self.engine)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:

@@ -8,16 +8,14 @@ import time
 
 import httpx
 
-from service.app import create_app
+from service.app import build_asgi
 from service.core import Service, ServiceConfig
-from service.guard import HttpGuard
 
 
 class InProcess:
     def __init__(self, config: ServiceConfig, debug_routes: bool = True, **create_kwargs):
         self.service = Service(config)
-        self.app = create_app(self.service, debug_routes=debug_routes, **create_kwargs)
-        self.asgi = HttpGuard(self.app, config.max_body_mb)
+        self.asgi = build_asgi(self.service, debug_routes=debug_routes, **create_kwargs)
         self.loop = asyncio.new_event_loop()
         self.service.start()
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.asgi), base_url="http://inproc",

@@ -7,6 +7,7 @@ from fastapi.responses import Response
 
 from service.core import Service
 from service.errors import ApiError
+from service.metrics import CONTENT_TYPE
 from service.protocols.common import empty_response, error_response, json_response
 from service.protocols.triton import check_model
 
@@ -61,3 +62,8 @@ async def info(service: Service, request: Request) -> Response:
 async def debug_resources(service: Service, request: Request) -> Response:
     """GET /debug/resources: not in MindIE (--enable-debug-routes): KV blocks and shared memory held."""
     return json_response(service.resources())
+
+
+async def metrics(service: Service, request: Request) -> Response:
+    """GET /metrics: Prometheus text format."""
+    return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
