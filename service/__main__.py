@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import uvicorn
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     hardening.add_argument("--api-key", default=os.environ.get("COGVLM2_API_KEY") or None,
                            help="require 'Authorization: Bearer KEY' on every route but the health probes (401 "
                                 "otherwise; default: env COGVLM2_API_KEY, else no key)")
+    hardening.add_argument("--shutdown-timeout", type=float, default=0.0,
+                           help="on SIGTERM/SIGINT, seconds in-flight requests may run to their end while health "
+                                "probes and new requests get 503; the rest are then aborted (default 0: abort at "
+                                "once)")
     hardening.add_argument("--enable-debug-routes", action="store_true",
                            help="serve GET /debug/resources (KV blocks, shared memory; not in MindIE)")
     p.add_argument("--log-level", default="info")
@@ -114,6 +119,8 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         raise SystemExit("--max-text-bytes must be a positive integer")
     if args.max_connections < 0:
         raise SystemExit("--max-connections must be 0 (unlimited) or a positive integer")
+    if not args.shutdown_timeout >= 0:
+        raise SystemExit("--shutdown-timeout must be 0 or a positive number of seconds")
     if args.vision_cache_mb < 0:
         raise SystemExit("--vision-cache-mb must be 0 (off) or a positive integer")
     return ServiceConfig(
@@ -143,18 +150,35 @@ def _raise_open_file_limit(max_connections: int) -> None:
 
 class _Server(uvicorn.Server):
     """On SIGTERM/SIGINT: stop accepting, abort in-flight requests (streams end, waiting calls get 503),
-    then uvicorn's graceful shutdown runs the lifespan exit, which releases KV blocks and shared memory."""
+    then uvicorn's graceful shutdown runs the lifespan exit, which releases KV blocks and shared memory.
 
-    def __init__(self, config: uvicorn.Config, service: Service):
+    With ``shutdown_timeout`` > 0 the first signal drains instead: health probes and new requests answer 503
+    while in-flight requests run to their end for up to that many seconds; the rest are then aborted and
+    the server exits as above. A second signal during the drain stops at once."""
+
+    def __init__(self, config: uvicorn.Config, service: Service, shutdown_timeout: float = 0.0):
         super().__init__(config)
         self.service = service
+        self.shutdown_timeout = shutdown_timeout
+        self._draining = False
 
     def handle_exit(self, sig, frame) -> None:
+        if self.shutdown_timeout > 0 and not self._draining and not self.should_exit:
+            self._draining = True
+            threading.Thread(target=self._drain, name="drain", daemon=True).start()
+            return
         self.service.begin_shutdown()
         super().handle_exit(sig, frame)
 
+    def _drain(self) -> None:
+        log = logging.getLogger("service")
+        log.info(f"draining: {self.service.in_flight} request(s) in flight, up to {self.shutdown_timeout:g} s")
+        if not self.service.drain(self.shutdown_timeout):
+            log.warning("shutdown timeout: in-flight requests were aborted")
+        self.should_exit = True
 
-def supervise_workers(nproc: int, argv: list[str]) -> int:
+
+def supervise_workers(nproc: int, argv: list[str], grace: float = 0.0) -> int:
     """Runs ``nproc`` tensor-parallel server processes and stops them together.
 
     Not torchrun: on SIGTERM torchrun ends its workers at once and exits non-zero with a traceback, where a
@@ -189,7 +213,7 @@ def supervise_workers(nproc: int, argv: list[str]) -> int:
             sweep_stale_resources()  # what a killed rank 0 left: its shared memory and temp files
             return 0 if all(code == 0 for code in codes) else 1
         failed = any(code not in (None, 0) for code in codes)
-        overdue = stop_requested and time.monotonic() - stop_requested[0] > 30
+        overdue = stop_requested and time.monotonic() - stop_requested[0] > 30 + grace
         if (failed or overdue) and killing_since is None:
             killing_since = time.monotonic()
             for p in procs:
@@ -218,7 +242,8 @@ def main(argv=None) -> int:
         if args.tp < 1:
             raise SystemExit(f"--tp must be at least 1, got {args.tp}")
         if "WORLD_SIZE" not in os.environ and args.tp > 1:
-            return supervise_workers(args.tp, list(sys.argv[1:] if argv is None else argv))
+            return supervise_workers(args.tp, list(sys.argv[1:] if argv is None else argv),
+                                     grace=max(0.0, args.shutdown_timeout))
         if args.tp != world_size:
             raise SystemExit(f"--tp {args.tp} differs from torchrun's WORLD_SIZE {world_size}")
     config = config_from_args(args)
@@ -239,7 +264,7 @@ def main(argv=None) -> int:
                             timeout_graceful_shutdown=5, access_log=False,
                             http=protocol_class(args.header_timeout), timeout_keep_alive=args.keep_alive_timeout,
                             limit_concurrency=args.max_connections or None)
-    server = _Server(config, service)
+    server = _Server(config, service, shutdown_timeout=args.shutdown_timeout)
     # uvicorn re-raises the captured signal once it has shut down; a no-op handler makes that exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)

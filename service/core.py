@@ -289,9 +289,28 @@ class Service:
 
     def begin_shutdown(self) -> None:
         """Stop accepting and abort in-flight requests (safe to call from a signal handler)."""
-        if not self.stopping:
-            self.stopping = True
-            self.loop.abort_all()
+        self.stopping = True
+        self.loop.abort_all()
+
+    def begin_drain(self) -> None:
+        """Stop accepting (health probes and new requests answer 503); in-flight requests keep running."""
+        self.stopping = True
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being admitted or in the engine (not yet finished)."""
+        return self._admitting + self.loop.num_active
+
+    def drain(self, timeout: float, poll: float = 0.02) -> bool:
+        """Stop accepting, let in-flight requests finish for up to ``timeout`` seconds, then abort the rest.
+        Blocking (call it from a thread); True if nothing had to be aborted."""
+        self.begin_drain()
+        deadline = time.monotonic() + max(0.0, timeout)
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(poll)
+        finished = not self.in_flight
+        self.begin_shutdown()
+        return finished
 
     def shutdown(self) -> None:
         self.begin_shutdown()
