@@ -31,6 +31,7 @@ from service.media import MediaResolver, precheck_content
 from service.metrics import Metrics, SequenceTimer
 from service.params import INT63_MAX, GenParams
 from service.runtime import EngineLoop, Event, ResourceRegistry, Resources, Tokenizers
+from service.video import RequestVideo, VideoOptions, frame_timestamps, load_chosen
 
 logger = logging.getLogger("service")
 
@@ -146,6 +147,7 @@ class Handle:
         self.finished = False
         self.stopped = False  # aborted by /v2/models/{m}/stopInfer: ends as a normal stop_sequence
         self.name: str | None = None  # the id /stopInfer knows this request by
+        self.video_timestamps: list[float] | None = None  # start times of the video frames used, when asked
         self.timer = SequenceTimer(getattr(service, "metrics", None), self.submit_time, len(requests),
                                    len(prompt_ids))
 
@@ -271,6 +273,10 @@ class Service:
         self.model.input_builder.max_video_pixels = config.max_video_pixels
         # A follow-up on a video whose features the engine holds is tokenized without decoding the video.
         self.model.input_builder.cached_video_frames = self._cached_video_frames
+        # Per-request frame controls (service/video.py): the builder's decode, unless a request chose its frames.
+        self.request_video = RequestVideo()
+        self._default_load_video = self.model.input_builder.load_video
+        self.model.input_builder.load_video = self._load_video
         self.loop = EngineLoop(self.engine)
         self.tokenizers = Tokenizers(self.model, workers=config.tokenizer_workers)
         self.registry = ResourceRegistry()
@@ -331,7 +337,17 @@ class Service:
             logger.warning("tensor-parallel followers did not acknowledge the shutdown")
 
     def _cached_video_frames(self, path: str) -> int | None:
-        return self.engine.vision_cache.frames(video_cache_key(path, self.template))
+        return self.engine.vision_cache.frames(self.video_key(path, self.request_video.options))
+
+    def video_key(self, path: str, options: VideoOptions | None) -> str:
+        """The video's identity in the vision and prefix caches: its content, the frame rule, the controls."""
+        return video_cache_key(path, self.template) + (options.key_suffix() if options is not None else "")
+
+    def _load_video(self, path: str):
+        options = self.request_video.options
+        if options is None or not options.custom:
+            return self._default_load_video(path)
+        return load_chosen(path, options, self.config.max_video_pixels)
 
     def token_text(self, token_id: int, skip_special_tokens: bool = False) -> str:
         return self.model.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
@@ -443,6 +459,7 @@ class Service:
     async def _submit(self, prepared: Prepared, params: GenParams, client_timeout: bool) -> Handle:
         resources, resolver, prompt = prepared.resources, prepared.resolver, prepared.prompt
         ids = prompt.ids
+        timestamps = None
         owned = True
         try:
             features = None
@@ -451,14 +468,23 @@ class Service:
             else:
                 is_chat = prompt.messages is not None
                 shm_path = resources.shm_path
+                options = params.video
+                if options is not None and options.custom and not resolver.videos:
+                    raise invalid("num_frames and fps choose the frames of a video; this request has no video")
                 try:
                     ids = await self._tokenize(prepared.resolved, is_chat, shm_path, resources, resolver,
-                                               use_video_cache=True)
-                    features = self._cached_features(ids, resolver)
+                                               use_video_cache=True, options=options)
+                    features = self._cached_features(ids, resolver, options)
                     if features is False:  # laid out from the vision cache, evicted since: decode after all
                         ids = await self._tokenize(prepared.resolved, is_chat, shm_path, resources, resolver,
-                                                   use_video_cache=False)
+                                                   use_video_cache=False, options=options)
                         features = None
+                    if options is not None and options.return_timestamps:
+                        timestamps = []
+                        if resolver.videos:
+                            timestamps = await self.tokenizers.run(
+                                frame_timestamps, resolver.videos[0], self.template, options,
+                                self.config.max_video_pixels)
                 except asyncio.CancelledError:
                     owned = False  # released once the tokenizer thread is done with it
                     raise
@@ -498,14 +524,18 @@ class Service:
             client_deadline = time.monotonic() + params.timeout
             if deadline is None or client_deadline < deadline:
                 deadline, reason = client_deadline, "client timeout"
-        return Handle(self, requests, queue, params, deadline, reason, list(base.prompt_ids))
+        handle = Handle(self, requests, queue, params, deadline, reason, list(base.prompt_ids))
+        handle.video_timestamps = timestamps
+        return handle
 
     async def _tokenize(self, prompt: list, is_chat: bool, shm_path: str, resources: Resources,
-                        resolver: MediaResolver, use_video_cache: bool) -> list[int]:
+                        resolver: MediaResolver, use_video_cache: bool,
+                        options: VideoOptions | None = None) -> list[int]:
         """The plugin's service path in a tokenizer thread (it may decode the video and write shared memory).
         If the caller is cancelled meanwhile, ``resources`` are released once the thread is done with them."""
         function = self.tokenizers._chat if is_chat else self.tokenizers._items
-        future = self.tokenizers.pool.submit(function, prompt, shm_path, use_video_cache)
+        future = self.tokenizers.pool.submit(self.request_video.run, options, function, prompt, shm_path,
+                                             use_video_cache)
         try:
             return await asyncio.shield(asyncio.wrap_future(future))
         except asyncio.CancelledError:
@@ -515,14 +545,14 @@ class Service:
             cause = _decode_cause(error, resolver, os.path.dirname(shm_path))
             raise TokenCountError(0, cause) from None
 
-    def _cached_features(self, ids: list[int], resolver: MediaResolver):
+    def _cached_features(self, ids: list[int], resolver: MediaResolver, options: VideoOptions | None = None):
         """The vision features of a prompt the plugin laid out from the vision cache (vision slots with the pad
         id, no shared-memory codes): the tensor, None when the prompt needs none, False when the features were
         evicted since the lookup."""
         if not resolver.videos or self.pad_token_id not in ids or any(t < 0 for t in ids):
             return None
         try:
-            key = video_cache_key(resolver.videos[0], self.template)
+            key = self.video_key(resolver.videos[0], options)
         except OSError:
             return False
         features = self.engine.vision_cache.get(key)
@@ -596,7 +626,7 @@ class Service:
         key = None
         if len(set(resolver.videos)) == 1:
             with contextlib.suppress(OSError):
-                key = video_cache_key(resolver.videos[0], self.template)
+                key = self.video_key(resolver.videos[0], params.video)
         return Request(prompt_ids=list(ids), sampling=sampling, video_key=key)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from atb_llm.runner.sampler import SamplingParams
 from service.errors import invalid
+from service.video import VideoOptions, parse_controls
 
 FLT_MAX = 3.4028234663852886e38
 INT32_MAX = 2**31 - 1
@@ -160,6 +161,7 @@ class GenParams:
     logprobs: bool = False  # return per-token logprobs (OpenAI)
     top_logprobs: int = 0  # and this many alternatives per token
     engine_logprobs: int | None = None  # SamplingParams.logprobs: None = not computed
+    video: VideoOptions | None = None  # per-request frame controls (service/video.py)
 
     def need_logprobs(self, top: int = 0) -> None:
         self.engine_logprobs = max(top, self.engine_logprobs or 0)
@@ -423,7 +425,22 @@ def parse_vllm(body: dict, default_max_tokens: int, max_n: int = 8192) -> GenPar
     _max_tokens(body, params, "max_tokens")
     params.stream = bool(get(body, "stream", "boolean", "stream must be boolean type."))
     _vllm_seq_count(params)
+    params.video = _vllm_video(body)
     return params
+
+
+def _vllm_video(body: dict) -> VideoOptions | None:
+    """vLLM's per-request media fields: ``mm_processor_kwargs`` and ``media_io_kwargs.video`` (``num_frames``,
+    ``fps``), and ``return_timestamps``."""
+    media_io = body.get("media_io_kwargs")
+    if media_io is not None:
+        if not isinstance(media_io, dict):
+            raise invalid("media_io_kwargs must be an object")
+        other = sorted(set(media_io) - {"video"})
+        if other:
+            raise invalid(f"media_io_kwargs supports only video for this model, got {other}")
+    return parse_controls([("mm_processor_kwargs", body.get("mm_processor_kwargs")),
+                           ("media_io_kwargs.video", (media_io or {}).get("video"))], body.get("return_timestamps"))
 
 
 # -- TGI /generate, /generate_stream, / -----------------------------------------------------------
@@ -456,6 +473,8 @@ def parse_tgi(body: dict, stream: bool) -> GenParams:
         if not _is_int(truncate) or not 0 < truncate <= INT32_MAX:
             raise invalid(f"Parameter truncate must be in (0,{INT32_MAX}], got {fmt(truncate)}")
         params.truncate = truncate
+    params.video = parse_controls([("parameters", {k: p[k] for k in ("num_frames", "fps") if k in p})],
+                                  p.get("return_timestamps"))
     return params
 
 
@@ -525,6 +544,7 @@ def parse_openai(body: dict, default_max_tokens: int, max_n: int = 8192) -> GenP
         params.logprobs, params.top_logprobs = True, top_logprobs or 0
         params.need_logprobs(params.top_logprobs)
     _chat_seq_count(params)
+    params.video = _vllm_video(body)
     return params
 
 

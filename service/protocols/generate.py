@@ -57,9 +57,15 @@ async def vllm_generate(service: Service, request: Request, body: dict) -> Respo
                 for event in batch:
                     deltas[event.index] += event.output.text
                 if any(deltas) or (handle.finished and not sent):
+                    chunk = {"text": deltas}
+                    if not sent and handle.video_timestamps is not None:
+                        chunk["video_timestamps"] = handle.video_timestamps
                     sent = True
-                    yield (dumps({"text": deltas}) + "\0").encode()
+                    yield (dumps(chunk) + "\0").encode()
         return sse(chunks())
     results = await collect_all(handle, request)
     ranked = best(results, handle.params.num_return, ranked=count > 1)
-    return json_response({"text": [f"{echo} {r.text}" for r in ranked]})
+    obj = {"text": [f"{echo} {r.text}" for r in ranked]}
+    if handle.video_timestamps is not None:
+        obj["video_timestamps"] = handle.video_timestamps
+    return json_response(obj)

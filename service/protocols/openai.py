@@ -203,8 +203,10 @@ async def respond(service: Service, request: Request, handle: Handle, model: str
         async def chunks():
             count = params.num_seqs
             if chat:
+                timestamps = handle.video_timestamps
                 for index in range(count):
-                    yield chunk(index, "", None)
+                    yield chunk(index, "", None, extra=None if timestamps is None else {"video_timestamps":
+                                                                                         timestamps})
             total = 0
             pending = [([], [], []) for _ in range(count)]  # logprobs of tokens whose text is not out yet
             offsets = [0] * count
@@ -243,5 +245,8 @@ async def respond(service: Service, request: Request, handle: Handle, model: str
         else:
             choices.append({"index": index, "text": result.text, "logprobs": logprobs, "stop_reason": None,
                             "finish_reason": "length" if result.finish_reason == "length" else "stop"})
-    return json_response({"id": rid, "object": obj_type, "created": created, "model": model,
-                          "choices": choices, "usage": usage(sum(len(r.token_ids) for r in results))})
+    obj = {"id": rid, "object": obj_type, "created": created, "model": model, "choices": choices,
+           "usage": usage(sum(len(r.token_ids) for r in results))}
+    if handle.video_timestamps is not None:
+        obj["video_timestamps"] = handle.video_timestamps
+    return json_response(obj)

@@ -39,7 +39,7 @@ async def respond(service: Service, request: Request, body: dict, stream: bool, 
         prefix = (inputs if isinstance(inputs, str) else dumps(inputs)) + " "
     if stream:
         async def chunks():
-            text, count = "", 0
+            text, count, first = "", 0, True
             async for event, error in stream_events(handle):
                 if error is not None:
                     yield f"data: {dumps(error)}\n\n".encode()
@@ -51,6 +51,9 @@ async def respond(service: Service, request: Request, body: dict, stream: bool, 
                 chunk = {"token": {"id": list(out.token_ids), "text": out.text, "logprob": logprob,
                                    "special": None},
                          "generated_text": None, "details": None}
+                if first and handle.video_timestamps is not None:
+                    chunk["video_timestamps"] = handle.video_timestamps
+                first = False
                 if out.finished:
                     chunk["generated_text"] = prefix + text
                     if params.details:
@@ -74,6 +77,8 @@ async def respond(service: Service, request: Request, body: dict, stream: bool, 
                                       for t, lp in zip(result.token_ids, padded(result.logprobs,
                                                                                 len(result.token_ids)))]},
                "generated_text": prefix + result.text}
+    if handle.video_timestamps is not None:
+        obj["video_timestamps"] = handle.video_timestamps
     return json_response([obj] if wrap_list else obj)
 
 
