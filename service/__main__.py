@@ -87,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     hardening.add_argument("--api-key", default=os.environ.get("COGVLM2_API_KEY") or None,
                            help="require 'Authorization: Bearer KEY' on every route but the health probes (401 "
                                 "otherwise; default: env COGVLM2_API_KEY, else no key)")
+    hardening.add_argument("--allowed-media-domain", action="append", dest="allowed_media_domains", default=None,
+                           help="host whose http(s) video URLs are downloaded (repeatable; '.example.com' allows its "
+                                "subdomains too; redirects are checked again; default: no URL is fetched)")
+    hardening.add_argument("--allow-private-media-addresses", action="store_true",
+                           help="let allowed media domains resolve to private, loopback or link-local addresses "
+                                "(refused by default unless the address itself is an allowed domain)")
+    hardening.add_argument("--media-download-timeout", type=float, default=30.0,
+                           help="seconds a video download (redirects included) may take")
+    hardening.add_argument("--media-download-max-mb", type=int, default=512,
+                           help="largest video download in MiB (at most 512)")
     hardening.add_argument("--shutdown-timeout", type=float, default=0.0,
                            help="on SIGTERM/SIGINT, seconds in-flight requests may run to their end while health "
                                 "probes and new requests get 503; the rest are then aborted (default 0: abort at "
@@ -119,6 +129,10 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         raise SystemExit("--max-text-bytes must be a positive integer")
     if args.max_connections < 0:
         raise SystemExit("--max-connections must be 0 (unlimited) or a positive integer")
+    if not args.media_download_timeout > 0:
+        raise SystemExit("--media-download-timeout must be a positive number of seconds")
+    if not 1 <= args.media_download_max_mb <= 512:
+        raise SystemExit("--media-download-max-mb must be in [1, 512]")
     if not args.shutdown_timeout >= 0:
         raise SystemExit("--shutdown-timeout must be 0 or a positive number of seconds")
     if args.vision_cache_mb < 0:
@@ -131,7 +145,10 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         request_timeout=args.request_timeout, block_size=args.block_size, num_blocks=args.num_blocks,
         dtype=args.dtype, device=args.device, max_body_mb=args.max_body_mb,
         tokenizer_workers=args.tokenizer_workers, max_text_bytes=args.max_text_bytes,
-        max_video_pixels=args.max_video_pixels, vision_cache_mb=args.vision_cache_mb, prefix_cache=args.prefix_cache)
+        max_video_pixels=args.max_video_pixels, vision_cache_mb=args.vision_cache_mb, prefix_cache=args.prefix_cache,
+        allowed_media_domains=args.allowed_media_domains or [],
+        allow_private_media_addresses=args.allow_private_media_addresses,
+        media_download_timeout=args.media_download_timeout, media_download_max_mb=args.media_download_max_mb)
 
 
 def _raise_open_file_limit(max_connections: int) -> None:

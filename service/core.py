@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import MAX_VIDEO_PIXELS
+from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import MAX_VIDEO_BYTES, MAX_VIDEO_PIXELS
 from atb_llm.runner.engine import (
     DEFAULT_VISION_CACHE_MB,
     GenerationEngine,
@@ -27,6 +27,7 @@ from atb_llm.runner.engine import (
 )
 from atb_llm.runner.offline_runner import PARunner, eos_token_ids
 from service.errors import TOKEN_LIMIT, ApiError, QueueFull, ServiceStopped, TokenCountError, invalid
+from service.fetch import MediaFetcher
 from service.media import MediaResolver, precheck_content
 from service.metrics import Metrics, SequenceTimer
 from service.params import INT63_MAX, GenParams
@@ -60,6 +61,10 @@ class ServiceConfig:
     max_video_pixels: int = MAX_VIDEO_PIXELS  # width x height of a decoded frame; larger videos are refused
     vision_cache_mb: int = DEFAULT_VISION_CACHE_MB  # vision features of recent videos (LRU by bytes)
     prefix_cache: bool = True  # reuse the KV blocks of earlier prompts with the same tokens and video
+    allowed_media_domains: list[str] = field(default_factory=list)  # http(s) video hosts (service/fetch.py)
+    allow_private_media_addresses: bool = False
+    media_download_timeout: float = 30.0
+    media_download_max_mb: int = MAX_VIDEO_BYTES >> 20
 
 
 class GenerationTimeout(Exception):
@@ -111,7 +116,7 @@ class Prepared:
         self.service = service
         self.prompt = prompt
         self.resources = resources
-        self.resolver = MediaResolver(service.config.allowed_media_dirs, resources.tmpdir)
+        self.resolver = MediaResolver(service.config.allowed_media_dirs, resources.tmpdir, service.fetcher)
         self.resolved: list | None = None  # plugin items, or the conversation of chat messages
         self._open = True
 
@@ -286,6 +291,11 @@ class Service:
         self.max_text_bytes = config.max_text_bytes or TEXT_BYTES_PER_TOKEN * self.max_input_length
         self._admitting = 0  # requests between the queue check and their submission (media, decoding)
         self.metrics = Metrics(lambda: self.engine)
+        self.fetcher = None
+        if config.allowed_media_domains:
+            self.fetcher = MediaFetcher(config.allowed_media_domains, config.allow_private_media_addresses,
+                                        min(config.media_download_max_mb << 20, MAX_VIDEO_BYTES),
+                                        config.media_download_timeout)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
