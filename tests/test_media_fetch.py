@@ -5,6 +5,7 @@ import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -90,7 +91,7 @@ def test_downloads_follow_checked_redirects(origin, tmp_path):
     base, requests, clip = origin
     fetcher = MediaFetcher(["127.0.0.1"], max_bytes=1 << 20, timeout=10)
     path = fetcher.fetch(base + "/hop", str(tmp_path), "v")
-    assert path == str(tmp_path / "v.mp4") and open(path, "rb").read() == clip
+    assert path == str(tmp_path / "v.mp4") and Path(path).read_bytes() == clip
     assert requests[-2:] == ["/hop", "/clip.mp4"]
     assert _fails(fetcher, base + "/away", tmp_path) == "the host media.invalid is not an allowed media domain of " \
                                                          "this server"
@@ -109,7 +110,7 @@ def test_private_addresses_need_an_explicit_allowance(origin, tmp_path):
     assert _fails(literal, base + "/to-localhost", tmp_path) == ("the host localhost is not an allowed media domain "
                                                                  "of this server")
     opened = MediaFetcher(["localhost", "127.0.0.1"], allow_private=True, timeout=10)
-    assert open(opened.fetch(base + "/to-localhost", str(tmp_path), "w"), "rb").read() == clip
+    assert Path(opened.fetch(base + "/to-localhost", str(tmp_path), "w")).read_bytes() == clip
 
 
 def test_size_and_time_limits(origin, tmp_path):
