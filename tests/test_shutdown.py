@@ -1,18 +1,15 @@
-"""--shutdown-timeout: drain on SIGTERM (service/__main__.py, Service.drain)."""
+"""--shutdown-timeout: drain on SIGTERM (Service.drain), in process; the signal path with a real server is
+tests/test_service_extra.py::test_zzz_sigterm_drains_in_flight_requests."""
 from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import threading
 import time
 
-import httpx
 import pytest
 
 from service.core import ServiceConfig
 from tests.inprocess import InProcess, error
-from tests.test_service import Server
 
 STOPPED = error("The service has been stopped", 503)
 
@@ -74,32 +71,3 @@ def test_drain_aborts_what_outlasts_the_timeout(slow_inproc):
     last = stream.content.rstrip(b"\n").split(b"\n\n")[-1]
     assert json.loads(last[len(b"data: "):]) == STOPPED[1]
     app.wait_idle()
-
-
-def test_sigterm_drains_a_real_server_and_exits_0(chat_model_dir, inproc_media, tmp_path):
-    server = Server(chat_model_dir, inproc_media, "--shutdown-timeout", "60", "--max-seq-len", "640",
-                    log_dir=str(tmp_path))
-    try:
-        chunks: list[dict] = []
-        first = threading.Event()
-
-        def stream():
-            with httpx.stream("POST", server.base + "/v1/completions", json={**_long(300), "stream": True},
-                              timeout=120) as resp:
-                for line in resp.iter_lines():
-                    if line.startswith("data: {"):
-                        chunks.append(json.loads(line[len("data: "):]))
-                        first.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert first.wait(60)
-        server.proc.send_signal(signal.SIGTERM)
-        reader.join(120)
-        assert server.proc.wait(60) == 0, server.output()
-        assert sum(1 for c in chunks if c["choices"][0]["text"] or c["choices"][0]["finish_reason"]) >= 1
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        assert chunks[-1]["usage"]["completion_tokens"] == 300
-        assert "draining: 1 request(s) in flight" in server.output()
-    finally:
-        server.stop()
