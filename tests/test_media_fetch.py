@@ -72,7 +72,11 @@ def origin(video_6_frames):
             else:
                 self._send(404, b"no")
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Quiet(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # a client that gave up (size cap, time limit) breaks the pipe: expected
+
+    server = Quiet(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", requests, clip
