@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.core import ServiceConfig
 from service.errors import ApiError
 from service.fetch import MediaFetcher
-from tests.inprocess import InProcess
 
 PREFIX = "[InferTokenizer::DownloadUrl] Download fail: "
 
@@ -141,28 +139,33 @@ def test_subdomain_entries():
     assert not fetcher.host_allowed("badexample.com") and not fetcher.host_allowed("cdn.videos.example.org")
 
 
-def test_a_chat_request_with_an_allowed_url_matches_the_local_file(origin, chat_model_dir, inproc_media):
+def test_a_chat_request_with_an_allowed_url_matches_the_local_file(origin, inproc, inproc_media, monkeypatch):
+    """The shared in-process service with the fetcher --allowed-media-domain 127.0.0.1 gives it."""
     base, _, _ = origin
-    app = InProcess(ServiceConfig(model_path=chat_model_dir, allowed_media_dirs=[inproc_media], max_seq_len=640,
-                                  allowed_media_domains=["127.0.0.1"], media_download_timeout=10))
-    try:
-        def ask(url: str):
-            content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What?"}]
-            return app.post("/v1/chat/completions", {"model": "cogvlm2", "messages": [{"role": "user",
-                                                                                       "content": content}],
-                                                     "max_tokens": 4, "temperature": 0})
-        remote = ask(base + "/clip.mp4")
-        local = ask(os.path.join(inproc_media, "clip.mp4"))
-        assert remote.status_code == 200, remote.text
-        assert remote.json()["choices"] == local.json()["choices"]
-        assert remote.json()["usage"] == local.json()["usage"]
-        refused = ask("http://10.0.0.1/clip.mp4")
-        assert refused.status_code == 422
-        assert refused.json()["error"] == PREFIX + "the host 10.0.0.1 is not an allowed media domain of this server"
-        app.wait_idle()  # the downloaded file went with the request's temp directory
-        assert _request_dirs() == []
-    finally:
-        app.close()
+    monkeypatch.setattr(inproc.service, "fetcher", MediaFetcher(["127.0.0.1"], timeout=10))
+
+    def ask(url: str):
+        content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What?"}]
+        return inproc.post("/v1/chat/completions", {"model": "cogvlm2", "max_tokens": 4, "temperature": 0,
+                                                     "messages": [{"role": "user", "content": content}]})
+
+    remote = ask(base + "/clip.mp4")
+    local = ask(os.path.join(inproc_media, "clip.mp4"))
+    assert remote.status_code == 200, remote.text
+    assert remote.json()["choices"] == local.json()["choices"]
+    assert remote.json()["usage"] == local.json()["usage"]
+    refused = ask("http://10.0.0.1/clip.mp4")
+    assert refused.status_code == 422
+    assert refused.json()["error"] == PREFIX + "the host 10.0.0.1 is not an allowed media domain of this server"
+    inproc.wait_idle()  # the downloaded file went with the request's temp directory
+    assert _request_dirs() == []
+
+
+def test_without_allowed_domains_urls_are_refused(inproc):
+    content = [{"type": "video_url", "video_url": "http://127.0.0.1:9/x.mp4"}, {"type": "text", "text": "Q"}]
+    resp = inproc.post("/v1/chat/completions", {"model": "cogvlm2", "messages": [{"role": "user",
+                                                                                  "content": content}]})
+    assert resp.status_code == 422 and resp.json()["error"].startswith(PREFIX + "this server does not fetch media")
 
 
 def _request_dirs() -> list[str]:
