@@ -7,7 +7,24 @@ from fastapi.responses import Response
 from service.core import Prompt, Service
 from service.errors import GENERATE_PARSE_ERROR, invalid
 from service.media import first_text
-from service.params import parse_vllm
+from service.params import (
+    GenParams,
+    check_max_tokens,
+    check_n_best_of,
+    check_penalty,
+    check_repetition_penalty,
+    check_seed,
+    check_stop,
+    check_stop_token_ids,
+    check_temperature,
+    check_top_k,
+    check_top_p,
+    get,
+    get_bool,
+    media_options,
+    none_text,
+    sampling_off,
+)
 from service.protocols import tgi
 from service.protocols.common import (
     admit,
@@ -69,3 +86,47 @@ async def vllm_generate(service: Service, request: Request, body: dict) -> Respo
     if handle.video_timestamps is not None:
         obj["video_timestamps"] = handle.video_timestamps
     return json_response(obj)
+
+
+# -- parameters of vLLM /generate, in MindIE's check order ----------------------------------------
+
+def parse_vllm(body: dict, default_max_tokens: int, max_n: int = 8192) -> GenParams:
+    params = GenParams(default_max_tokens=default_max_tokens)
+    ignore_eos = get_bool(body, "ignore_eos")
+    params.ignore_eos = bool(ignore_eos)
+    check_stop(body, params, tgi=False)
+    check_stop_token_ids(body, params)
+    if params.stop or body.get("stop_token_ids") is not None:
+        params.include_stop_str_in_output = bool(get_bool(body, "include_stop_str_in_output"))
+    check_temperature(body, params, zero_ok=True)
+    check_top_k(body, params, "off_or_positive")
+    check_top_p(body, params)
+    check_seed(body, params)
+    check_repetition_penalty(body, params)
+    check_penalty(body, params, "frequency_penalty")
+    check_penalty(body, params, "presence_penalty")
+    skip = get_bool(body, "skip_special_tokens")
+    params.skip_special_tokens = True if skip is None else skip
+    check_n_best_of(body, params, max_n)
+    model = get(body, "model", "string", "Model must be string type.")
+    if model is not None and not 1 <= len(model) <= 256:
+        raise invalid(f"Input validation error: length of `model` must be in [1, 256], but got {len(model)}")
+    params.model = model  # a LoRA id in MindIE; unknown ids fall back to the base model
+    check_max_tokens(body, params, "max_tokens")
+    params.stream = bool(get(body, "stream", "boolean", "stream must be boolean type."))
+    _vllm_seq_count(params)
+    params.video = media_options(body)
+    return params
+
+
+def _vllm_seq_count(params: GenParams) -> None:
+    n, best_of = params.n, params.best_of
+    if n is not None and best_of is not None and best_of < n:
+        raise invalid(f"best_of should greater than or equal to n, but best_of is {best_of}, n is {n}.")
+    count = best_of if best_of is not None else (n or 1)
+    if count > 1 and sampling_off(params):
+        raise invalid(f"Best_of/N can not greater than 1 when temperature is 0 or not set, but best_of is "
+                      f"{none_text(best_of)}, n is {none_text(n)}.")
+    params.num_seqs = params.num_return = count
+    if count > 1:
+        params.need_logprobs()  # the texts are sorted by cumulative logprob

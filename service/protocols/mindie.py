@@ -6,7 +6,20 @@ from fastapi.responses import Response
 
 from service.core import Prompt, Service
 from service.errors import TOKEN_LIMIT, invalid
-from service.params import parse_infer
+from service.params import (
+    GenParams,
+    check_max_tokens,
+    check_priority,
+    check_repetition_penalty,
+    check_seed,
+    check_temperature,
+    check_timeout,
+    check_top_k,
+    check_top_p,
+    check_typical_p,
+    get,
+    get_bool,
+)
 from service.protocols.common import (
     TGI_REASONS,
     admit,
@@ -90,3 +103,25 @@ async def infer(service: Service, request: Request) -> Response:
     if params.details:
         obj["details"] = details(result.token_ids, result.finish_reason, True)
     return json_response(obj)
+
+
+# -- parameters of /infer, in MindIE's check order -------------------------------------------------
+
+def parse_infer(body: dict) -> GenParams:
+    """``parameters`` of /infer: the Triton names without batch_size, TGI ranges for top_k and top_p."""
+    params = GenParams(default_max_tokens=20)
+    p = get(body, "parameters", "object", "parameters must be object type.") or {}
+    check_temperature(p, params, zero_ok=False)
+    check_top_k(p, params, "positive")
+    check_top_p(p, params, exclusive_one=True)
+    check_typical_p(p, params)
+    params.do_sample = get_bool(p, "do_sample")
+    check_seed(p, params)
+    check_repetition_penalty(p, params)
+    get_bool(p, "watermark")
+    check_priority(p)
+    check_max_tokens(p, params, "max_new_tokens")
+    check_timeout(p, params)
+    params.details = bool(get_bool(p, "details"))
+    params.stream = bool(get(body, "stream", "boolean", "stream must be boolean type."))
+    return params

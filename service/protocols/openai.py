@@ -10,7 +10,25 @@ from fastapi.responses import Response
 from service.core import Handle, Prompt, Service, utf16_len
 from service.errors import TOKEN_LIMIT, ApiError, invalid
 from service.media import MEDIA_KEYS, precheck_content
-from service.params import check_openai_model, parse_completions, parse_openai
+from service.params import (
+    GenParams,
+    check_max_tokens,
+    check_n_best_of,
+    check_penalty,
+    check_repetition_penalty,
+    check_seed,
+    check_stop,
+    check_stop_token_ids,
+    check_temperature,
+    check_top_k,
+    check_top_p,
+    fmt,
+    get,
+    get_bool,
+    media_options,
+    none_text,
+    sampling_off,
+)
 from service.protocols.common import (
     admit,
     best,
@@ -250,3 +268,106 @@ async def respond(service: Service, request: Request, handle: Handle, model: str
     if handle.video_timestamps is not None:
         obj["video_timestamps"] = handle.video_timestamps
     return json_response(obj)
+
+
+# -- parameters of OpenAI chat and completions, in MindIE's check order -----------------------------
+
+def check_openai_model(body: dict, served: list[str], not_found: str = "Model not found") -> str:
+    if body.get("model") is None:
+        raise invalid("Request contains not model or model null")
+    model = body["model"]
+    if not isinstance(model, str):
+        raise invalid("Request param model must be string")
+    if not model:
+        raise invalid("Request param model must be not empty")
+    if model not in served:
+        raise invalid(not_found)
+    return model
+
+
+def parse_openai(body: dict, default_max_tokens: int, max_n: int = 8192) -> GenParams:
+    params = _openai_common(body, default_max_tokens, max_n)
+    logprobs = get_bool(body, "logprobs")
+    top_logprobs = get(body, "top_logprobs", "unsigned")
+    if top_logprobs is not None and not 0 <= top_logprobs <= 20:
+        raise invalid(f"Parameter top logprobs must be in [0, 20], got {fmt(top_logprobs)}.")
+    if logprobs is False and top_logprobs is not None:
+        raise invalid("Value error, when using top_logprobs, logprobs must be true or null in chat completions")
+    if logprobs or top_logprobs is not None:
+        params.logprobs, params.top_logprobs = True, top_logprobs or 0
+        params.need_logprobs(params.top_logprobs)
+    _chat_seq_count(params)
+    params.video = media_options(body)
+    return params
+
+
+def parse_completions(body: dict, default_max_tokens: int, max_n: int = 8192) -> GenParams:
+    params = _openai_common(body, default_max_tokens, max_n)
+    logprobs = get(body, "logprobs", "unsigned")
+    if logprobs is not None:
+        if logprobs > 5:
+            raise invalid(f"logprobs should be in range [0, 5], got {fmt(logprobs)}.")
+        params.logprobs, params.top_logprobs = True, logprobs
+        params.need_logprobs(logprobs)
+    _completions_seq_count(params)
+    return params
+
+
+def _openai_common(body: dict, default_max_tokens: int, max_n: int) -> GenParams:
+    params = GenParams(default_max_tokens=default_max_tokens)
+    check_max_tokens(body, params, "max_tokens")
+    check_penalty(body, params, "presence_penalty")
+    check_penalty(body, params, "frequency_penalty")
+    check_top_p(body, params)
+    params.stream = bool(get(body, "stream", "boolean", "stream must be boolean type."))
+    check_temperature(body, params, zero_ok=True)
+    check_top_k(body, params, "off_or_positive")
+    check_repetition_penalty(body, params, upper=2.0, upper_text="2.0")
+    check_stop(body, params, tgi=False)
+    check_seed(body, params)
+    params.ignore_eos = bool(get_bool(body, "ignore_eos"))
+    check_stop_token_ids(body, params)
+    if params.stop or params.stop_token_ids:
+        params.include_stop_str_in_output = bool(get_bool(body, "include_stop_str_in_output"))
+    skip = get_bool(body, "skip_special_tokens")
+    params.skip_special_tokens = True if skip is None else skip
+    check_n_best_of(body, params, max_n)
+    return params
+
+
+def _chat_seq_count(params: GenParams) -> None:
+    n, best_of = params.n, params.best_of
+    if best_of is not None and n is None and params.stream:
+        raise invalid(f"best_of must be equal to n in stream mode, but best_of is {best_of}, n is None.")
+    if best_of is not None and n is not None:
+        if not params.stream and best_of < n:
+            raise invalid(f"best_of must be greater than or equal to n, but best_of is {best_of}, n is {n}.")
+        if params.stream and best_of != n:
+            raise invalid(f"best_of must be equal to n in stream mode, but best_of is {best_of}, n is {n}.")
+    count = best_of if best_of is not None else (n or 1)
+    if count > 1 and sampling_off(params):
+        raise invalid("best_of/n can not greater than 1 without using beam search when temperature is 0 or not set, "
+                      f"but best_of is {none_text(best_of)}, n is {none_text(n)}.")
+    _openai_counts(params, count)
+
+
+def _completions_seq_count(params: GenParams) -> None:
+    n, best_of = params.n, params.best_of
+    if params.stream:
+        if best_of is not None and n is not None and best_of != n:
+            raise invalid(f"best_of must be equal to n, but best_of is {best_of} and n is {n}.")
+        if best_of is not None and n is None:
+            raise invalid(f"best_of must be equal to n in stream mode, but best_of is {best_of}, n is None.")
+    elif best_of is not None and n is not None and best_of < n:
+        raise invalid(f"Best_of must be greater than or equal to n, but best_of is {best_of} and n is {n}.")
+    count = max(best_of or 1, n or 1)
+    if count > 1 and sampling_off(params):
+        raise invalid("Best_of and n shouldn't be greater than 1 when sampling is disabled, but best_of is "
+                      f"{'null' if best_of is None else best_of} and n is {'null' if n is None else n}.")
+    _openai_counts(params, count)
+
+
+def _openai_counts(params: GenParams, count: int) -> None:
+    params.num_seqs, params.num_return = count, min(count, params.n or 1)
+    if params.num_return < params.num_seqs:
+        params.need_logprobs()  # best_of: the best n by cumulative logprob

@@ -1,11 +1,30 @@
 """TGI: POST /generate with ``inputs``, /generate_stream and / (docs/SERVICE_API.md)."""
 from __future__ import annotations
 
+import re
+
 from fastapi import Request
 from fastapi.responses import Response
 
 from service.core import Prompt, Service
-from service.params import get, parse_tgi
+from service.errors import invalid
+from service.params import (
+    INT32_MAX,
+    GenParams,
+    check_max_tokens,
+    check_repetition_penalty,
+    check_seed,
+    check_stop,
+    check_temperature,
+    check_top_k,
+    check_top_p,
+    check_typical_p,
+    fmt,
+    get,
+    get_bool,
+    is_int,
+    parse_controls,
+)
 from service.protocols.common import (
     TGI_REASONS,
     admit,
@@ -93,3 +112,41 @@ async def root(service: Service, request: Request) -> Response:
     body = await read_object(service, request)
     stream = get(body, "stream", "boolean", "stream must be boolean type.")
     return await respond(service, request, body, stream=bool(stream), wrap_list=True)
+
+
+# -- parameters of TGI, in MindIE's check order ----------------------------------------------------
+
+_ADAPTER_ID = re.compile(r"^[a-zA-Z0-9_./-]{1,256}$")
+
+
+def parse_tgi(body: dict, stream: bool) -> GenParams:
+    params = GenParams(default_max_tokens=20, stream=stream)
+    p = get(body, "parameters", "object", "parameters must be object type.") or {}
+    check_stop(p, params, tgi=True)
+    check_temperature(p, params, zero_ok=False)
+    check_top_k(p, params, "positive")
+    check_top_p(p, params, exclusive_one=True)
+    check_typical_p(p, params)
+    params.do_sample = get_bool(p, "do_sample")
+    check_seed(p, params)
+    check_repetition_penalty(p, params)
+    get_bool(p, "watermark")  # forwarded in MindIE; no visible effect
+    adapter_id = p.get("adapter_id")
+    if adapter_id is not None and (not isinstance(adapter_id, str) or not _ADAPTER_ID.match(adapter_id)):
+        raise invalid("The format of adapter_id is invalid.")
+    check_max_tokens(p, params, "max_new_tokens")
+    params.details = bool(get_bool(p, "details"))
+    params.decoder_input_details = bool(get_bool(p, "decoder_input_details"))
+    if params.decoder_input_details and stream:
+        raise invalid("The decoder_input_details must not be true when stream is true.")
+    if params.details or params.decoder_input_details:
+        params.need_logprobs()  # details.tokens[].logprob
+    params.return_full_text = bool(get_bool(p, "return_full_text"))
+    truncate = p.get("truncate")
+    if truncate is not None:
+        if not is_int(truncate) or not 0 < truncate <= INT32_MAX:
+            raise invalid(f"Parameter truncate must be in (0,{INT32_MAX}], got {fmt(truncate)}")
+        params.truncate = truncate
+    params.video = parse_controls([("parameters", {k: p[k] for k in ("num_frames", "fps") if k in p})],
+                                  p.get("return_timestamps"))
+    return params

@@ -8,7 +8,21 @@ from fastapi.responses import Response
 
 from service.core import Prompt, Service
 from service.errors import TOKEN_LIMIT, ApiError, invalid
-from service.params import TRITON_ID, TRITON_ID_RULE, get, parse_triton, parse_triton_token
+from service.params import (
+    GenParams,
+    check_batch_size,
+    check_max_tokens,
+    check_priority,
+    check_repetition_penalty,
+    check_seed,
+    check_temperature,
+    check_timeout,
+    check_top_k,
+    check_top_p,
+    check_typical_p,
+    get,
+    get_bool,
+)
 from service.protocols.common import (
     TGI_REASONS,
     admit,
@@ -175,3 +189,54 @@ async def stop_infer(service: Service, request: Request, model: str) -> Response
     if not service.stop_request(stop_id):
         raise ApiError(404, f"RequestId is {stop_id} not found.")
     return json_response(body)
+
+
+# -- parameters of Triton (text and token routes), in MindIE's check order -------------------------
+
+TRITON_ID = re.compile(r"^[a-zA-Z0-9_-]{1,256}$")
+
+
+TRITON_ID_RULE = ("The id can contain only digits, letters, underscores(_), hyphens(-) and no more than 256 words in "
+                  "length.")
+
+
+def parse_triton(body: dict, stream: bool) -> GenParams:
+    params = GenParams(default_max_tokens=20, stream=stream)
+    request_id = body.get("id")
+    if request_id is not None:
+        if not isinstance(request_id, str) or not TRITON_ID.match(request_id):
+            raise invalid(TRITON_ID_RULE)
+        params.request_id = request_id
+    p = get(body, "parameters", "object", "parameters must be object type.") or {}
+    check_temperature(p, params, zero_ok=False)
+    check_top_k(p, params, "non_negative")
+    check_top_p(p, params)
+    check_typical_p(p, params)
+    params.do_sample = get_bool(p, "do_sample")
+    get_bool(p, "watermark")
+    check_seed(p, params)
+    check_repetition_penalty(p, params)
+    check_priority(p)
+    check_max_tokens(p, params, "max_new_tokens")
+    params.details = bool(get_bool(p, "details"))
+    check_batch_size(p)
+    check_timeout(p, params)
+    return params
+
+
+def parse_triton_token(p: dict) -> GenParams:
+    """``inputs[0].parameters`` of the Triton token route, in MindIE's order."""
+    params = GenParams(default_max_tokens=20)
+    check_temperature(p, params, zero_ok=False)
+    check_top_k(p, params, "non_negative")
+    check_top_p(p, params)
+    params.do_sample = get_bool(p, "do_sample")
+    check_seed(p, params)
+    check_repetition_penalty(p, params)
+    get_bool(p, "watermark")
+    check_priority(p)
+    check_max_tokens(p, params, "max_new_tokens")
+    check_timeout(p, params)
+    params.details = bool(get_bool(p, "details"))
+    check_batch_size(p)
+    return params
