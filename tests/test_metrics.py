@@ -87,3 +87,44 @@ def test_request_id_is_echoed_or_generated_and_logged(inproc, caplog):
     assert by_id["bad-1"]["status"] == 422 and by_id["bad-1"]["method"] == "POST"
     assert by_id[fresh.headers["x-request-id"]]["path"] == "/health"
     assert all(line["duration_ms"] >= 0 for line in lines)
+
+
+def test_the_observing_layer_counts_5xx_and_logs_failures(caplog):
+    """Observe in isolation: an app that fails with a 500, one that raises, and an unknown path."""
+    import asyncio
+
+    import httpx
+
+    from service.metrics import Metrics
+    from service.observe import Observe
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/raise":
+            raise RuntimeError("boom")
+        status = 500 if scope["path"] == "/v2/models/m/generate" else 404
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"x"})
+
+    metrics = Metrics()
+    observed = Observe(app, metrics, ["/v2/models/{model}/generate", "/raise"])
+
+    async def calls():
+        transport = httpx.ASGITransport(app=observed, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            failed = await client.post("/v2/models/m/generate", headers={"X-Request-Id": "r-1"})
+            await client.get("/raise")
+            await client.get("/nowhere")
+            return failed
+
+    with caplog.at_level(logging.INFO, logger="service.access"):
+        failed = asyncio.run(calls())
+    assert failed.status_code == 500 and failed.headers["x-request-id"] == "r-1"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics.exposition().decode()) for s in f.samples}
+    errors = "cogvlm2:http_request_errors_total"
+    assert samples[(errors, (("route", "/v2/models/{model}/generate"), ("status_class", "5xx")))] == 1
+    assert samples[(errors, (("route", "/raise"), ("status_class", "5xx")))] == 1
+    assert samples[(errors, (("route", "unmatched"), ("status_class", "4xx")))] == 1
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "service.access"]
+    assert [(line["route"], line["status"]) for line in lines] == [("/v2/models/{model}/generate", 500),
+                                                                   ("/raise", 500), ("unmatched", 404)]
