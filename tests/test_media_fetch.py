@@ -175,3 +175,10 @@ def _request_dirs() -> list[str]:
     if owner is None:
         return []
     return [e.path for e in os.scandir(owner) if e.is_dir() and e.name.startswith("req-")]
+
+
+def test_https_to_a_plain_http_port_fails_cleanly(origin, tmp_path):
+    base, _, _ = origin
+    fetcher = MediaFetcher(["127.0.0.1"], timeout=5)
+    reason = _fails(fetcher, base.replace("http://", "https://") + "/clip.mp4", tmp_path)
+    assert reason.startswith("the download failed (") and "SSL" in reason
