@@ -17,10 +17,10 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from atb_llm.demo.make_demo import make_demo_checkpoint
 from atb_llm.runner.engine import Request
+from atb_llm.runner.offline_runner import PARunner
 from atb_llm.runner.sampler import SamplingParams
-from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
-from examples.run_pa import PARunner
 
 PEER = {"hidden_size": 1024, "intermediate_size": 3584, "num_attention_heads": 16, "num_multi_query_heads": 4,
         "num_hidden_layers": 8, "max_position_embeddings": 4096,

@@ -24,9 +24,9 @@ import time
 import httpx
 import torch
 
+from atb_llm.runner.offline_runner import MultimodalPARunner
 from atb_llm.runner.sampler import SamplingParams
 from benchmarks.common import ServiceProcess, make_checkpoint, make_video
-from examples.multimodal_runner import MultimodalPARunner
 
 MODEL = {"hidden_size": 512, "intermediate_size": 1792, "num_attention_heads": 8, "num_multi_query_heads": 2,
          "num_hidden_layers": 8, "max_position_embeddings": 4096,

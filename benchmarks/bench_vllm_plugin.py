@@ -23,12 +23,12 @@ import time
 
 import torch
 
+from atb_llm.demo.make_demo import make_demo_checkpoint
+from atb_llm.demo.synthetic_video import write_synthetic_video
 from atb_llm.runner.engine import Request
+from atb_llm.runner.offline_runner import PARunner
 from atb_llm.runner.sampler import SamplingParams as OurSampling
 from benchmarks.bench_decode import PEER, time_ours
-from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
-from examples.models.cogvlm2_llama3_video.synthetic_video import write_synthetic_video
-from examples.run_pa import PARunner
 
 CHECKPOINT = dict(PEER, vision_config={"hidden_size": 1792, "intermediate_size": 15360, "num_heads": 16,
                                        "num_hidden_layers": 2})

@@ -65,7 +65,7 @@ def make_checkpoint(name: str, overrides: dict, dtype: str = "float32") -> str:
     """A random checkpoint in the real layout (``make_demo_checkpoint``), made once per name and overrides."""
     import torch
 
-    from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
+    from atb_llm.demo.make_demo import make_demo_checkpoint
 
     tag = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(bench_cache_dir(), f"model_{name}_{dtype}_{tag}")

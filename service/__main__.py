@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import uvicorn
@@ -19,7 +20,7 @@ import uvicorn
 from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import MAX_VIDEO_PIXELS
 from atb_llm.runner.engine import DEFAULT_VISION_CACHE_MB
 from atb_llm.utils.dist import destroy_distributed
-from service.app import HttpGuard, create_app
+from service.app import build_asgi
 from service.core import Service, ServiceConfig, demo_media_dir, follow
 from service.http_protocol import protocol_class
 from service.media import DEFAULT_MEDIA_DIR
@@ -86,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     hardening.add_argument("--api-key", default=os.environ.get("COGVLM2_API_KEY") or None,
                            help="require 'Authorization: Bearer KEY' on every route but the health probes (401 "
                                 "otherwise; default: env COGVLM2_API_KEY, else no key)")
+    hardening.add_argument("--allowed-media-domain", action="append", dest="allowed_media_domains", default=None,
+                           help="host whose http(s) video URLs are downloaded (repeatable; '.example.com' allows its "
+                                "subdomains too; redirects are checked again; default: no URL is fetched)")
+    hardening.add_argument("--allow-private-media-addresses", action="store_true",
+                           help="let allowed media domains resolve to private, loopback or link-local addresses "
+                                "(refused by default unless the address itself is an allowed domain)")
+    hardening.add_argument("--media-download-timeout", type=float, default=30.0,
+                           help="seconds a video download (redirects included) may take")
+    hardening.add_argument("--media-download-max-mb", type=int, default=512,
+                           help="largest video download in MiB (at most 512)")
+    hardening.add_argument("--shutdown-timeout", type=float, default=0.0,
+                           help="on SIGTERM/SIGINT, seconds in-flight requests may run to their end while health "
+                                "probes and new requests get 503; the rest are then aborted (default 0: abort at "
+                                "once)")
     hardening.add_argument("--enable-debug-routes", action="store_true",
                            help="serve GET /debug/resources (KV blocks, shared memory; not in MindIE)")
     p.add_argument("--log-level", default="info")
@@ -96,7 +111,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     allowed = args.allowed_media_dirs
     model_path = args.model_path
     if model_path is None:
-        from examples.models.cogvlm2_llama3_video.make_demo import ensure_demo
+        from atb_llm.demo.make_demo import ensure_demo
 
         model_path, video = ensure_demo()
         if allowed is None:
@@ -114,6 +129,12 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         raise SystemExit("--max-text-bytes must be a positive integer")
     if args.max_connections < 0:
         raise SystemExit("--max-connections must be 0 (unlimited) or a positive integer")
+    if not args.media_download_timeout > 0:
+        raise SystemExit("--media-download-timeout must be a positive number of seconds")
+    if not 1 <= args.media_download_max_mb <= 512:
+        raise SystemExit("--media-download-max-mb must be in [1, 512]")
+    if not args.shutdown_timeout >= 0:
+        raise SystemExit("--shutdown-timeout must be 0 or a positive number of seconds")
     if args.vision_cache_mb < 0:
         raise SystemExit("--vision-cache-mb must be 0 (off) or a positive integer")
     return ServiceConfig(
@@ -124,7 +145,10 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         request_timeout=args.request_timeout, block_size=args.block_size, num_blocks=args.num_blocks,
         dtype=args.dtype, device=args.device, max_body_mb=args.max_body_mb,
         tokenizer_workers=args.tokenizer_workers, max_text_bytes=args.max_text_bytes,
-        max_video_pixels=args.max_video_pixels, vision_cache_mb=args.vision_cache_mb, prefix_cache=args.prefix_cache)
+        max_video_pixels=args.max_video_pixels, vision_cache_mb=args.vision_cache_mb, prefix_cache=args.prefix_cache,
+        allowed_media_domains=args.allowed_media_domains or [],
+        allow_private_media_addresses=args.allow_private_media_addresses,
+        media_download_timeout=args.media_download_timeout, media_download_max_mb=args.media_download_max_mb)
 
 
 def _raise_open_file_limit(max_connections: int) -> None:
@@ -143,18 +167,35 @@ def _raise_open_file_limit(max_connections: int) -> None:
 
 class _Server(uvicorn.Server):
     """On SIGTERM/SIGINT: stop accepting, abort in-flight requests (streams end, waiting calls get 503),
-    then uvicorn's graceful shutdown runs the lifespan exit, which releases KV blocks and shared memory."""
+    then uvicorn's graceful shutdown runs the lifespan exit, which releases KV blocks and shared memory.
 
-    def __init__(self, config: uvicorn.Config, service: Service):
+    With ``shutdown_timeout`` > 0 the first signal drains instead: health probes and new requests answer 503
+    while in-flight requests run to their end for up to that many seconds; the rest are then aborted and
+    the server exits as above. A second signal during the drain stops at once."""
+
+    def __init__(self, config: uvicorn.Config, service: Service, shutdown_timeout: float = 0.0):
         super().__init__(config)
         self.service = service
+        self.shutdown_timeout = shutdown_timeout
+        self._draining = False
 
     def handle_exit(self, sig, frame) -> None:
+        if self.shutdown_timeout > 0 and not self._draining and not self.should_exit:
+            self._draining = True
+            threading.Thread(target=self._drain, name="drain", daemon=True).start()
+            return
         self.service.begin_shutdown()
         super().handle_exit(sig, frame)
 
+    def _drain(self) -> None:
+        log = logging.getLogger("service")
+        log.info(f"draining: {self.service.in_flight} request(s) in flight, up to {self.shutdown_timeout:g} s")
+        if not self.service.drain(self.shutdown_timeout):
+            log.warning("shutdown timeout: in-flight requests were aborted")
+        self.should_exit = True
 
-def supervise_workers(nproc: int, argv: list[str]) -> int:
+
+def supervise_workers(nproc: int, argv: list[str], grace: float = 0.0) -> int:
     """Runs ``nproc`` tensor-parallel server processes and stops them together.
 
     Not torchrun: on SIGTERM torchrun ends its workers at once and exits non-zero with a traceback, where a
@@ -189,7 +230,7 @@ def supervise_workers(nproc: int, argv: list[str]) -> int:
             sweep_stale_resources()  # what a killed rank 0 left: its shared memory and temp files
             return 0 if all(code == 0 for code in codes) else 1
         failed = any(code not in (None, 0) for code in codes)
-        overdue = stop_requested and time.monotonic() - stop_requested[0] > 30
+        overdue = stop_requested and time.monotonic() - stop_requested[0] > 30 + grace
         if (failed or overdue) and killing_since is None:
             killing_since = time.monotonic()
             for p in procs:
@@ -206,6 +247,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] "
                                                               "[%(name)s] %(message)s")
+    access = logging.getLogger("service.access")  # one JSON object per line (service/observe.py)
+    access_handler = logging.StreamHandler()
+    access_handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(access_handler)
+    access.propagate = False
     if os.environ.get("RANK", "0") == "0":  # a server, rank 0 or a supervisor (followers make no temp files)
         sweep_stale_resources()  # shared memory and temp files of servers that died without cleaning up
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -213,7 +259,8 @@ def main(argv=None) -> int:
         if args.tp < 1:
             raise SystemExit(f"--tp must be at least 1, got {args.tp}")
         if "WORLD_SIZE" not in os.environ and args.tp > 1:
-            return supervise_workers(args.tp, list(sys.argv[1:] if argv is None else argv))
+            return supervise_workers(args.tp, list(sys.argv[1:] if argv is None else argv),
+                                     grace=max(0.0, args.shutdown_timeout))
         if args.tp != world_size:
             raise SystemExit(f"--tp {args.tp} differs from torchrun's WORLD_SIZE {world_size}")
     config = config_from_args(args)
@@ -227,14 +274,14 @@ def main(argv=None) -> int:
         service = Service(config)
     except (ValueError, OSError, NotImplementedError) as error:
         build_parser().error(str(error))
-    app = HttpGuard(create_app(service, debug_routes=args.enable_debug_routes), service.config.max_body_mb,
-                    body_timeout=args.body_timeout, api_key=args.api_key)
+    app = build_asgi(service, debug_routes=args.enable_debug_routes, body_timeout=args.body_timeout,
+                     api_key=args.api_key)
     _raise_open_file_limit(args.max_connections)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=5, access_log=False,
                             http=protocol_class(args.header_timeout), timeout_keep_alive=args.keep_alive_timeout,
                             limit_concurrency=args.max_connections or None)
-    server = _Server(config, service)
+    server = _Server(config, service, shutdown_timeout=args.shutdown_timeout)
     # uvicorn re-raises the captured signal once it has shut down; a no-op handler makes that exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)

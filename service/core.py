@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import MAX_VIDEO_PIXELS
+from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import MAX_VIDEO_BYTES, MAX_VIDEO_PIXELS
 from atb_llm.runner.engine import (
     DEFAULT_VISION_CACHE_MB,
     GenerationEngine,
@@ -25,15 +25,17 @@ from atb_llm.runner.engine import (
     VisionCache,
     video_cache_key,
 )
-from examples.run_pa import PARunner, eos_token_ids
-from service.errors import TOKEN_LIMIT, ApiError, invalid
+from atb_llm.runner.offline_runner import PARunner, eos_token_ids
+from service.errors import TOKEN_LIMIT, ApiError, QueueFull, ServiceStopped, TokenCountError, invalid
+from service.fetch import MediaFetcher
 from service.media import MediaResolver, precheck_content
+from service.metrics import Metrics, SequenceTimer
 from service.params import INT63_MAX, GenParams
 from service.runtime import EngineLoop, Event, ResourceRegistry, Resources, Tokenizers
+from service.video import RequestVideo, VideoOptions, frame_timestamps, load_chosen
 
 logger = logging.getLogger("service")
 
-RETRY_AFTER_S = 1
 TEXT_BYTES_PER_TOKEN = 64  # default text limit: a token is rarely more than a few bytes of UTF-8
 
 
@@ -59,6 +61,10 @@ class ServiceConfig:
     max_video_pixels: int = MAX_VIDEO_PIXELS  # width x height of a decoded frame; larger videos are refused
     vision_cache_mb: int = DEFAULT_VISION_CACHE_MB  # vision features of recent videos (LRU by bytes)
     prefix_cache: bool = True  # reuse the KV blocks of earlier prompts with the same tokens and video
+    allowed_media_domains: list[str] = field(default_factory=list)  # http(s) video hosts (service/fetch.py)
+    allow_private_media_addresses: bool = False
+    media_download_timeout: float = 30.0
+    media_download_max_mb: int = MAX_VIDEO_BYTES >> 20
 
 
 class GenerationTimeout(Exception):
@@ -91,6 +97,42 @@ def text_pieces(value) -> list[str]:
     return pieces
 
 
+@dataclass
+class Prompt:
+    """What a request asks about, in one of three forms: ``items`` (a string, or content items: text and
+    media), chat ``messages``, or prompt token ``ids`` given by the client (no tokenization)."""
+
+    items: list | str | None = None
+    messages: list | None = None
+    ids: list[int] | None = None
+
+
+class Prepared:
+    """A prompt past the cheap checks with its media resolved (``Service.prepare``), waiting for
+    ``Service.submit``. Holds the request's resources (temp directory, shared memory) and a place among the
+    requests being admitted until it is submitted or released."""
+
+    def __init__(self, service: Service, prompt: Prompt, resources: Resources):
+        self.service = service
+        self.prompt = prompt
+        self.resources = resources
+        self.resolver = MediaResolver(service.config.allowed_media_dirs, resources.tmpdir, service.fetcher)
+        self.resolved: list | None = None  # plugin items, or the conversation of chat messages
+        self._open = True
+
+    def settled(self) -> None:
+        """No longer counted as being admitted (submitted, or given up)."""
+        if self._open:
+            self._open = False
+            self.service._admitting -= 1
+
+    def release(self) -> None:
+        """Give the request up before submitting it: frees what it holds."""
+        if self._open:
+            self.settled()
+            self.resources.release()
+
+
 class Handle:
     """One admitted HTTP request: its engine requests (one per sequence for n / best_of > 1), their shared
     output queue and the deadline."""
@@ -110,6 +152,9 @@ class Handle:
         self.finished = False
         self.stopped = False  # aborted by /v2/models/{m}/stopInfer: ends as a normal stop_sequence
         self.name: str | None = None  # the id /stopInfer knows this request by
+        self.video_timestamps: list[float] | None = None  # start times of the video frames used, when asked
+        self.timer = SequenceTimer(getattr(service, "metrics", None), self.submit_time, len(requests),
+                                   len(prompt_ids))
 
     @property
     def request(self) -> Request:
@@ -151,8 +196,10 @@ class Handle:
                     batch.append(self.queue.get_nowait())
                 for event in batch:
                     event.index = self.index.get(event.output.request_id, 0)
+                    self.timer.tokens(event.index, len(event.output.token_ids), event.time)
                     if event.output.finished:
                         self.done[event.index] = True
+                        self.timer.finished(event.output.finish_reason, event.time)
                 self.finished = all(self.done)
                 yield batch
                 if self.finished:
@@ -235,6 +282,10 @@ class Service:
         self.model.input_builder.max_video_pixels = config.max_video_pixels
         # A follow-up on a video whose features the engine holds is tokenized without decoding the video.
         self.model.input_builder.cached_video_frames = self._cached_video_frames
+        # Per-request frame controls (service/video.py): the builder's decode, unless a request chose its frames.
+        self.request_video = RequestVideo()
+        self._default_load_video = self.model.input_builder.load_video
+        self.model.input_builder.load_video = self._load_video
         self.loop = EngineLoop(self.engine)
         self.tokenizers = Tokenizers(self.model, workers=config.tokenizer_workers)
         self.registry = ResourceRegistry()
@@ -243,6 +294,12 @@ class Service:
         self.max_request_chars = config.max_body_mb * 2**20
         self.max_text_bytes = config.max_text_bytes or TEXT_BYTES_PER_TOKEN * self.max_input_length
         self._admitting = 0  # requests between the queue check and their submission (media, decoding)
+        self.metrics = Metrics(lambda: self.engine)
+        self.fetcher = None
+        if config.allowed_media_domains:
+            self.fetcher = MediaFetcher(config.allowed_media_domains, config.allow_private_media_addresses,
+                                        min(config.media_download_max_mb << 20, MAX_VIDEO_BYTES),
+                                        config.media_download_timeout)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -252,9 +309,28 @@ class Service:
 
     def begin_shutdown(self) -> None:
         """Stop accepting and abort in-flight requests (safe to call from a signal handler)."""
-        if not self.stopping:
-            self.stopping = True
-            self.loop.abort_all()
+        self.stopping = True
+        self.loop.abort_all()
+
+    def begin_drain(self) -> None:
+        """Stop accepting (health probes and new requests answer 503); in-flight requests keep running."""
+        self.stopping = True
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being admitted or in the engine (not yet finished)."""
+        return self._admitting + self.loop.num_active
+
+    def drain(self, timeout: float, poll: float = 0.02) -> bool:
+        """Stop accepting, let in-flight requests finish for up to ``timeout`` seconds, then abort the rest.
+        Blocking (call it from a thread); True if nothing had to be aborted."""
+        self.begin_drain()
+        deadline = time.monotonic() + max(0.0, timeout)
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(poll)
+        finished = not self.in_flight
+        self.begin_shutdown()
+        return finished
 
     def shutdown(self) -> None:
         self.begin_shutdown()
@@ -275,7 +351,17 @@ class Service:
             logger.warning("tensor-parallel followers did not acknowledge the shutdown")
 
     def _cached_video_frames(self, path: str) -> int | None:
-        return self.engine.vision_cache.frames(video_cache_key(path, self.template))
+        return self.engine.vision_cache.frames(self.video_key(path, self.request_video.options))
+
+    def video_key(self, path: str, options: VideoOptions | None) -> str:
+        """The video's identity in the vision and prefix caches: its content, the frame rule, the controls."""
+        return video_cache_key(path, self.template) + (options.key_suffix() if options is not None else "")
+
+    def _load_video(self, path: str):
+        options = self.request_video.options
+        if options is None or not options.custom:
+            return self._default_load_video(path)
+        return load_chosen(path, options, self.config.max_video_pixels)
 
     def token_text(self, token_id: int, skip_special_tokens: bool = False) -> str:
         return self.model.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
@@ -292,7 +378,7 @@ class Service:
 
     def check_running(self) -> None:
         if self.stopping:
-            raise ApiError(503, "The service has been stopped")
+            raise ServiceStopped()
 
     @property
     def busy(self) -> bool:
@@ -338,68 +424,86 @@ class Service:
         free = max(0, self.config.max_batch_size - self.engine.num_running - waiting)
         waiting += max(0, self._admitting - free)
         if waiting >= limit:
-            raise ApiError(503, f"The waiting queue is full ({waiting} requests waiting or being prepared, the "
-                                f"limit is {limit}); retry later", headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise QueueFull(f"The waiting queue is full ({waiting} requests waiting or being prepared, the "
+                            f"limit is {limit}); retry later")
 
     def check_chars(self, text: str, message: str) -> None:
         n = utf16_len(text)
         if not 0 < n <= self.max_request_chars:
             raise invalid(message.format(limit=self.max_request_chars, got=n))
 
-    async def admit(self, *, items: list | str | None = None, messages: list | None = None,
-                    ids: list[int] | None = None, parse_params, token_message: str,
-                    client_timeout: bool = False) -> Handle:
-        """Cheap checks, media, parameters, tokenization, limits and enqueue (the spec's processing order).
+    async def prepare(self, prompt: Prompt) -> Prepared:
+        """The request's cheap checks and media, before its parameters are parsed (the spec's order).
 
-        First the text-size limit and a full queue (503), before any media is resolved or decoded.
-        ``parse_params()`` validates the sampling parameters (after media, as MindIE). ``token_message``
-        formats the token-count error (``{got}``). ``ids`` are prompt token ids given by the client (no
-        tokenization). For n / best_of > 1 the prompt is tokenized (and its video decoded) once and one engine
-        request per sequence is submitted; the resources are released when the last sequence ends. Everything
-        the request holds is released on any error.
+        First a stopping service (503), the text-size limit and a full queue (503), before any media is
+        resolved or decoded; then the media items become plugin items (local paths checked, inline videos
+        written to the request's temp directory). The caller parses its protocol's parameters, then calls
+        :meth:`submit` with the result, or :meth:`Prepared.release` if it gives up.
         """
         self.check_running()
-        if ids is None:
-            self.check_text(messages if messages is not None else items)
+        if prompt.ids is None:
+            self.check_text(prompt.messages if prompt.messages is not None else prompt.items)
         self.check_queue()
+        prepared = Prepared(self, prompt, Resources(self.registry))
         self._admitting += 1
         try:
-            return await self._admit(items, messages, ids, parse_params, token_message, client_timeout)
-        finally:
-            self._admitting -= 1
+            resolver = prepared.resolver
+            if prompt.messages is not None:
+                prepared.resolved = await self.tokenizers.run(self._resolve_messages, resolver, prompt.messages)
+            elif isinstance(prompt.items, str):
+                prepared.resolved = [{"text": prompt.items}]
+            elif prompt.items is not None:
+                prepared.resolved = await self.tokenizers.run(resolver.resolve, prompt.items)
+        except BaseException:
+            prepared.release()
+            raise
+        return prepared
 
-    async def _admit(self, items, messages, ids, parse_params, token_message: str, client_timeout: bool) -> Handle:
-        resources = Resources(self.registry)
+    async def submit(self, prepared: Prepared, params: GenParams, client_timeout: bool = False) -> Handle:
+        """Tokenization, limits and enqueue of a prepared prompt. For n / best_of > 1 the prompt is tokenized
+        (and its video decoded) once and one engine request per sequence is submitted; the resources are
+        released when the last sequence ends. Everything the request holds is released on any error.
+        Raises ``TokenCountError`` when the prompt cannot be tokenized or has no / too many tokens (each
+        protocol words it), ``ApiError`` otherwise."""
+        try:
+            return await self._submit(prepared, params, client_timeout)
+        finally:
+            prepared.settled()
+
+    async def _submit(self, prepared: Prepared, params: GenParams, client_timeout: bool) -> Handle:
+        resources, resolver, prompt = prepared.resources, prepared.resolver, prepared.prompt
+        ids = prompt.ids
+        timestamps = None
         owned = True
         try:
-            resolver = MediaResolver(self.config.allowed_media_dirs, resources.tmpdir)
             features = None
             if ids is not None:
-                params: GenParams = parse_params()
                 self._check_ids(ids)
             else:
-                if messages is not None:
-                    conversation = await self.tokenizers.run(self._resolve_messages, resolver, messages)
-                elif isinstance(items, str):
-                    plugin_items = [{"text": items}]
-                else:
-                    plugin_items = await self.tokenizers.run(resolver.resolve, items)
-                params = parse_params()
+                is_chat = prompt.messages is not None
                 shm_path = resources.shm_path
-                prompt = conversation if messages is not None else plugin_items
+                options = params.video
+                if options is not None and options.custom and not resolver.videos:
+                    raise invalid("num_frames and fps choose the frames of a video; this request has no video")
                 try:
-                    ids = await self._tokenize(prompt, messages is not None, shm_path, resources, resolver,
-                                               token_message, use_video_cache=True)
-                    features = self._cached_features(ids, resolver)
+                    ids = await self._tokenize(prepared.resolved, is_chat, shm_path, resources, resolver,
+                                               use_video_cache=True, options=options)
+                    features = self._cached_features(ids, resolver, options)
                     if features is False:  # laid out from the vision cache, evicted since: decode after all
-                        ids = await self._tokenize(prompt, messages is not None, shm_path, resources, resolver,
-                                                   token_message, use_video_cache=False)
+                        ids = await self._tokenize(prepared.resolved, is_chat, shm_path, resources, resolver,
+                                                   use_video_cache=False, options=options)
                         features = None
+                    if options is not None and options.return_timestamps:
+                        timestamps = []
+                        if resolver.videos:
+                            timestamps = await self.tokenizers.run(
+                                frame_timestamps, resolver.videos[0], self.template, options,
+                                self.config.max_video_pixels)
                 except asyncio.CancelledError:
                     owned = False  # released once the tokenizer thread is done with it
                     raise
             self.check_running()
-            base = self._build_request(ids, params, resources, resolver, token_message)
+            base = self._build_request(ids, params, resources, resolver)
             base.vision_embeds = features
             requests = self._fan_out(base, params.num_seqs, SharedRelease(resources, params.num_seqs))
             queue: asyncio.Queue = asyncio.Queue()
@@ -409,14 +513,13 @@ class Service:
                     self.loop.submit(request, queue)
                     submitted += 1
             except QueueFullError as error:
-                raise ApiError(503, f"The waiting queue is full: {error}; retry later",
-                               headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+                raise QueueFull(f"The waiting queue is full: {error}; retry later") from None
             except RequestError as error:
                 raise ApiError(424, f"Failed to enqueue inferRequest. {error}") from None
             except ValueError as error:
                 raise invalid(str(error)) from None
             except RuntimeError:
-                raise ApiError(503, "The service has been stopped") from None
+                raise ServiceStopped() from None
             finally:
                 if submitted < len(requests):
                     owned = False  # the SharedRelease below frees everything once each sequence is accounted
@@ -435,14 +538,18 @@ class Service:
             client_deadline = time.monotonic() + params.timeout
             if deadline is None or client_deadline < deadline:
                 deadline, reason = client_deadline, "client timeout"
-        return Handle(self, requests, queue, params, deadline, reason, list(base.prompt_ids))
+        handle = Handle(self, requests, queue, params, deadline, reason, list(base.prompt_ids))
+        handle.video_timestamps = timestamps
+        return handle
 
     async def _tokenize(self, prompt: list, is_chat: bool, shm_path: str, resources: Resources,
-                        resolver: MediaResolver, token_message: str, use_video_cache: bool) -> list[int]:
+                        resolver: MediaResolver, use_video_cache: bool,
+                        options: VideoOptions | None = None) -> list[int]:
         """The plugin's service path in a tokenizer thread (it may decode the video and write shared memory).
         If the caller is cancelled meanwhile, ``resources`` are released once the thread is done with them."""
         function = self.tokenizers._chat if is_chat else self.tokenizers._items
-        future = self.tokenizers.pool.submit(function, prompt, shm_path, use_video_cache)
+        future = self.tokenizers.pool.submit(self.request_video.run, options, function, prompt, shm_path,
+                                             use_video_cache)
         try:
             return await asyncio.shield(asyncio.wrap_future(future))
         except asyncio.CancelledError:
@@ -450,16 +557,16 @@ class Service:
             raise
         except (ValueError, OSError, RuntimeError) as error:
             cause = _decode_cause(error, resolver, os.path.dirname(shm_path))
-            raise invalid(token_message.format(got=0) + f" Cause: {cause}") from None
+            raise TokenCountError(0, cause) from None
 
-    def _cached_features(self, ids: list[int], resolver: MediaResolver):
+    def _cached_features(self, ids: list[int], resolver: MediaResolver, options: VideoOptions | None = None):
         """The vision features of a prompt the plugin laid out from the vision cache (vision slots with the pad
         id, no shared-memory codes): the tensor, None when the prompt needs none, False when the features were
         evicted since the lookup."""
         if not resolver.videos or self.pad_token_id not in ids or any(t < 0 for t in ids):
             return None
         try:
-            key = video_cache_key(resolver.videos[0], self.template)
+            key = self.video_key(resolver.videos[0], options)
         except OSError:
             return False
         features = self.engine.vision_cache.get(key)
@@ -507,11 +614,11 @@ class Service:
             conversation.append({"role": message["role"], "content": "" if content is None else content})
         return conversation
 
-    def _build_request(self, ids: list[int], params: GenParams, resources: Resources, resolver: MediaResolver,
-                       token_message: str) -> Request:
+    def _build_request(self, ids: list[int], params: GenParams, resources: Resources,
+                       resolver: MediaResolver) -> Request:
         n = len(ids)
         if not 0 < n <= TOKEN_LIMIT:
-            raise invalid(token_message.format(got=n))
+            raise TokenCountError(n)
         if params.truncate is not None and params.truncate < n:
             cut = n - params.truncate
             vision = [i for i, t in enumerate(ids) if t < 0 or t == self.pad_token_id]
@@ -533,7 +640,7 @@ class Service:
         key = None
         if len(set(resolver.videos)) == 1:
             with contextlib.suppress(OSError):
-                key = video_cache_key(resolver.videos[0], self.template)
+                key = self.video_key(resolver.videos[0], params.video)
         return Request(prompt_ids=list(ids), sampling=sampling, video_key=key)
 
 

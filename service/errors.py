@@ -40,6 +40,40 @@ class ApiError(Exception):
         return {"error": self.message, "error_type": ERROR_TYPES.get(self.status, "Incomplete Generation")}
 
 
+RETRY_AFTER_S = 1
+
+
+class ServiceStopped(ApiError):
+    """The service is shutting down: new work is refused."""
+
+    def __init__(self, message: str = "The service has been stopped"):
+        super().__init__(503, message)
+
+
+class QueueFull(ApiError):
+    """The waiting queue is full: 503 with ``Retry-After``."""
+
+    def __init__(self, message: str):
+        super().__init__(503, message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class TokenCountError(ApiError):
+    """The prompt could not be tokenized (``got`` 0, with the ``cause``) or has more tokens than any request
+    may carry. Each protocol words it with its own message (:meth:`render`)."""
+
+    def __init__(self, got: int, cause: str | None = None):
+        self.got = got
+        self.cause = cause
+        super().__init__(422, self.render("Prompt token length must be in (0, 1048576], but got {got}"))
+
+    def render(self, message: str) -> ApiError:
+        """The client's 422 with ``message`` formatted with ``{got}`` (and the cause appended)."""
+        text = message.format(got=self.got)
+        if self.cause is not None:
+            text += f" Cause: {self.cause}"
+        return invalid(text)
+
+
 def invalid(message: str) -> ApiError:
     return ApiError(422, message)
 

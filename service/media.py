@@ -1,7 +1,8 @@
 """Multimodal content items (docs/SERVICE_API.md section 6): checks, local-path rules and base64 videos.
 
-Items become the plugin's ``{"text": ...}`` / ``{"video": local_path}``. No network fetches: http(s)
-URLs are refused. A local path must resolve, without being a symlink, inside an allowed media
+Items become the plugin's ``{"text": ...}`` / ``{"video": local_path}``. http(s) URLs are refused unless the
+server allows media domains (``--allowed-media-domain``, service/fetch.py): then they are downloaded into the
+request's temp directory. A local path must resolve, without being a symlink, inside an allowed media
 directory; a ``data:video/...;base64,`` URL is written into the request's own temp directory.
 """
 from __future__ import annotations
@@ -73,10 +74,11 @@ def _url_of(item: dict, key: str) -> str:
 class MediaResolver:
     """Turns content items into plugin items for one request."""
 
-    def __init__(self, allowed_dirs: Sequence[str], make_tmpdir: Callable[[], str]):
+    def __init__(self, allowed_dirs: Sequence[str], make_tmpdir: Callable[[], str], fetcher=None):
         self.allowed_names = list(allowed_dirs)  # as configured: error texts show these, not resolved paths
         self.allowed_dirs = [os.path.realpath(d) for d in allowed_dirs]
         self.make_tmpdir = make_tmpdir
+        self.fetcher = fetcher  # a service.fetch.MediaFetcher when http(s) URLs are allowed
         self.total_bytes = 0
         self.videos: list[str] = []
         self.shown: dict[str, str] = {}  # server path of each local video -> the path the client sent
@@ -118,6 +120,8 @@ class MediaResolver:
 
     def video_path(self, url: str) -> str:
         lowered = url.lower()
+        if lowered.startswith(("http://", "https://")) and self.fetcher is not None:
+            return self._download(url)
         if lowered.startswith(("http://", "https://")):
             raise download_fail("this server does not fetch media from the network; put the video in an allowed "
                                 "media directory and send its path, or send it inline as data:video/mp4;base64,...")
@@ -163,6 +167,13 @@ class MediaResolver:
         self.total_bytes += size
         if self.total_bytes > MAX_TOTAL_MEDIA_BYTES:
             raise download_fail("the media of one request exceed 1000 MiB in total")
+
+    def _download(self, url: str) -> str:
+        path = self.fetcher.fetch(url, self.make_tmpdir(), f"download_{len(self.videos)}")
+        self._account(os.path.getsize(path))
+        self.videos.append(path)
+        self.hidden[path] = "the downloaded video"
+        return path
 
     def _data_url(self, url: str) -> str:
         match = _DATA_URL.match(url)

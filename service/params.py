@@ -1,8 +1,9 @@
-"""Request parameters of each protocol: type rules, ranges, check order and error texts of the spec.
+"""What the protocols' parameters share: the JSON body reader, type rules, and one check per field (range and
+error text of the spec), each raising ``ApiError(422)`` at the first failure.
 
-Each ``parse_*`` function checks one protocol's fields in the spec's order and raises ``ApiError(422)``
-with the spec's text at the first failure. The result, ``GenParams``, is protocol-neutral; the
-service turns it into the engine's ``SamplingParams`` once the prompt length is known.
+Each protocol's ``parse_*`` (service/protocols/<name>.py) calls these checks in its spec's order. The result,
+``GenParams``, is protocol-neutral; the service turns it into the engine's ``SamplingParams`` once the prompt
+length is known.
 """
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ from dataclasses import dataclass, field
 
 from atb_llm.runner.sampler import SamplingParams
 from service.errors import invalid
+from service.video import VideoOptions, parse_controls
 
 FLT_MAX = 3.4028234663852886e38
 INT32_MAX = 2**31 - 1
 INT63_MAX = 2**63 - 1
 FLT_MAX_TEXT = "3.40282e+38"
-
-_ADAPTER_ID = re.compile(r"^[a-zA-Z0-9_./-]{1,256}$")
 
 
 MAX_JSON_DEPTH = 10  # MindIE's JSON_STR_DEP_MAX: containers inside at most 10 enclosing ones
@@ -100,14 +100,14 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 _TYPE_CHECKS = {
     "float": _is_number,
-    "integer": _is_int,
-    "unsigned": lambda v: _is_int(v) and v >= 0,
+    "integer": is_int,
+    "unsigned": lambda v: is_int(v) and v >= 0,
     "boolean": lambda v: isinstance(v, bool),
     "string": lambda v: isinstance(v, str),
     "object": lambda v: isinstance(v, dict),
@@ -160,6 +160,7 @@ class GenParams:
     logprobs: bool = False  # return per-token logprobs (OpenAI)
     top_logprobs: int = 0  # and this many alternatives per token
     engine_logprobs: int | None = None  # SamplingParams.logprobs: None = not computed
+    video: VideoOptions | None = None  # per-request frame controls (service/video.py)
 
     def need_logprobs(self, top: int = 0) -> None:
         self.engine_logprobs = max(top, self.engine_logprobs or 0)
@@ -195,7 +196,7 @@ class GenParams:
 
 # -- shared field checks ----------------------------------------------------------------------------
 
-def _check_stop(body: dict, params: GenParams, tgi: bool) -> None:
+def check_stop(body: dict, params: GenParams, tgi: bool) -> None:
     value = body.get("stop")
     if value is None:
         return
@@ -222,20 +223,20 @@ def _check_stop(body: dict, params: GenParams, tgi: bool) -> None:
     params.stop = list(value)
 
 
-def _check_stop_token_ids(body: dict, params: GenParams) -> None:
+def check_stop_token_ids(body: dict, params: GenParams) -> None:
     value = body.get("stop_token_ids")
     if value is None:
         return
-    if not isinstance(value, list) or not all(_is_int(t) for t in value):
+    if not isinstance(value, list) or not all(is_int(t) for t in value):
         raise invalid("Parameter stop_token_ids not list[int]")
     params.stop_token_ids = list(value)
 
 
-def _bool(body: dict, key: str) -> bool | None:
+def get_bool(body: dict, key: str) -> bool | None:
     return get(body, key, "boolean")
 
 
-def _temperature(body: dict, params: GenParams, zero_ok: bool, upper: float = FLT_MAX,
+def check_temperature(body: dict, params: GenParams, zero_ok: bool, upper: float = FLT_MAX,
                  upper_text: str = FLT_MAX_TEXT) -> None:
     value = get(body, "temperature", "float")
     if value is None:
@@ -246,7 +247,7 @@ def _temperature(body: dict, params: GenParams, zero_ok: bool, upper: float = FL
     params.temperature = value
 
 
-def _top_p(body: dict, params: GenParams, exclusive_one: bool = False) -> None:
+def check_top_p(body: dict, params: GenParams, exclusive_one: bool = False) -> None:
     value = get(body, "top_p", "float")
     if value is None:
         return
@@ -255,7 +256,7 @@ def _top_p(body: dict, params: GenParams, exclusive_one: bool = False) -> None:
     params.top_p = value
 
 
-def _typical_p(body: dict, params: GenParams) -> None:
+def check_typical_p(body: dict, params: GenParams) -> None:
     value = get(body, "typical_p", "float")
     if value is None:
         return
@@ -264,16 +265,16 @@ def _typical_p(body: dict, params: GenParams) -> None:
     params.typical_p = value
 
 
-def _seed(body: dict, params: GenParams) -> None:
+def check_seed(body: dict, params: GenParams) -> None:
     value = body.get("seed")
     if value is None:
         return
-    if not _is_int(value) or not 0 <= value <= INT63_MAX:
+    if not is_int(value) or not 0 <= value <= INT63_MAX:
         raise invalid(f"Parameter seed must be in [0, {INT63_MAX}], got {fmt(value)}.")
     params.seed = value
 
 
-def _repetition_penalty(body: dict, params: GenParams, upper: float = FLT_MAX, upper_text: str = FLT_MAX_TEXT):
+def check_repetition_penalty(body: dict, params: GenParams, upper: float = FLT_MAX, upper_text: str = FLT_MAX_TEXT):
     value = get(body, "repetition_penalty", "float")
     if value is None:
         return
@@ -282,7 +283,7 @@ def _repetition_penalty(body: dict, params: GenParams, upper: float = FLT_MAX, u
     params.repetition_penalty = value
 
 
-def _penalty(body: dict, params: GenParams, key: str) -> None:
+def check_penalty(body: dict, params: GenParams, key: str) -> None:
     value = get(body, key, "float")
     if value is None:
         return
@@ -293,18 +294,18 @@ def _penalty(body: dict, params: GenParams, key: str) -> None:
     setattr(params, key, value)
 
 
-def _max_tokens(body: dict, params: GenParams, key: str) -> None:
+def check_max_tokens(body: dict, params: GenParams, key: str) -> None:
     value = body.get(key)
     if value is None:
         return
-    if not _is_int(value):
+    if not is_int(value):
         raise invalid(f"Parameter {key} not number_integer")
     if not 0 < value <= INT32_MAX:
         raise invalid(f"Parameter {key} must be (0,{INT32_MAX}], got {fmt(value)}")
     params.max_tokens = value
 
 
-def _n_best_of(body: dict, params: GenParams, max_n: int) -> None:
+def check_n_best_of(body: dict, params: GenParams, max_n: int) -> None:
     """The ranges of best_of and n; how they combine is checked per protocol after all fields."""
     best_of = get(body, "best_of", "unsigned")
     if best_of is not None and not 1 <= best_of <= 128:
@@ -319,66 +320,12 @@ def _n_best_of(body: dict, params: GenParams, max_n: int) -> None:
     params.best_of, params.n = best_of, n
 
 
-def _none(value) -> str:
+def none_text(value) -> str:
     return "None" if value is None else str(value)
 
 
-def _sampling_off(params: GenParams) -> bool:
+def sampling_off(params: GenParams) -> bool:
     return not params.temperature  # absent or 0
-
-
-def _vllm_seq_count(params: GenParams) -> None:
-    n, best_of = params.n, params.best_of
-    if n is not None and best_of is not None and best_of < n:
-        raise invalid(f"best_of should greater than or equal to n, but best_of is {best_of}, n is {n}.")
-    count = best_of if best_of is not None else (n or 1)
-    if count > 1 and _sampling_off(params):
-        raise invalid(f"Best_of/N can not greater than 1 when temperature is 0 or not set, but best_of is "
-                      f"{_none(best_of)}, n is {_none(n)}.")
-    params.num_seqs = params.num_return = count
-    if count > 1:
-        params.need_logprobs()  # the texts are sorted by cumulative logprob
-
-
-def _chat_seq_count(params: GenParams) -> None:
-    n, best_of = params.n, params.best_of
-    if best_of is not None and n is None and params.stream:
-        raise invalid(f"best_of must be equal to n in stream mode, but best_of is {best_of}, n is None.")
-    if best_of is not None and n is not None:
-        if not params.stream and best_of < n:
-            raise invalid(f"best_of must be greater than or equal to n, but best_of is {best_of}, n is {n}.")
-        if params.stream and best_of != n:
-            raise invalid(f"best_of must be equal to n in stream mode, but best_of is {best_of}, n is {n}.")
-    count = best_of if best_of is not None else (n or 1)
-    if count > 1 and _sampling_off(params):
-        raise invalid("best_of/n can not greater than 1 without using beam search when temperature is 0 or not set, "
-                      f"but best_of is {_none(best_of)}, n is {_none(n)}.")
-    _openai_counts(params, count)
-
-
-def _completions_seq_count(params: GenParams) -> None:
-    n, best_of = params.n, params.best_of
-    if params.stream:
-        if best_of is not None and n is not None and best_of != n:
-            raise invalid(f"best_of must be equal to n, but best_of is {best_of} and n is {n}.")
-        if best_of is not None and n is None:
-            raise invalid(f"best_of must be equal to n in stream mode, but best_of is {best_of}, n is None.")
-    elif best_of is not None and n is not None and best_of < n:
-        raise invalid(f"Best_of must be greater than or equal to n, but best_of is {best_of} and n is {n}.")
-    count = max(best_of or 1, n or 1)
-    if count > 1 and _sampling_off(params):
-        raise invalid("Best_of and n shouldn't be greater than 1 when sampling is disabled, but best_of is "
-                      f"{'null' if best_of is None else best_of} and n is {'null' if n is None else n}.")
-    _openai_counts(params, count)
-
-
-def _openai_counts(params: GenParams, count: int) -> None:
-    params.num_seqs, params.num_return = count, min(count, params.n or 1)
-    if params.num_return < params.num_seqs:
-        params.need_logprobs()  # best_of: the best n by cumulative logprob
-
-
-# -- vLLM /generate -------------------------------------------------------------------------------
 
 
 _TOP_K_RULES = {  # protocol rule -> (accepted, message range)
@@ -388,236 +335,46 @@ _TOP_K_RULES = {  # protocol rule -> (accepted, message range)
 }
 
 
-def _top_k(source: dict, params: GenParams, rule: str) -> None:
+def check_top_k(source: dict, params: GenParams, rule: str) -> None:
     """``top_k`` by the protocol's range; -1 (vLLM, OpenAI) and 0 mean off."""
     top_k = source.get("top_k")
     if top_k is None:
         return
     accepted, message_range = _TOP_K_RULES[rule]
-    if not _is_int(top_k) or not accepted(top_k):
+    if not is_int(top_k) or not accepted(top_k):
         raise invalid(f"Parameter top_k must be in {message_range}, got {fmt(top_k)}")
     params.top_k = 0 if top_k == -1 else top_k
 
-def parse_vllm(body: dict, default_max_tokens: int, max_n: int = 8192) -> GenParams:
-    params = GenParams(default_max_tokens=default_max_tokens)
-    ignore_eos = _bool(body, "ignore_eos")
-    params.ignore_eos = bool(ignore_eos)
-    _check_stop(body, params, tgi=False)
-    _check_stop_token_ids(body, params)
-    if params.stop or body.get("stop_token_ids") is not None:
-        params.include_stop_str_in_output = bool(_bool(body, "include_stop_str_in_output"))
-    _temperature(body, params, zero_ok=True)
-    _top_k(body, params, "off_or_positive")
-    _top_p(body, params)
-    _seed(body, params)
-    _repetition_penalty(body, params)
-    _penalty(body, params, "frequency_penalty")
-    _penalty(body, params, "presence_penalty")
-    skip = _bool(body, "skip_special_tokens")
-    params.skip_special_tokens = True if skip is None else skip
-    _n_best_of(body, params, max_n)
-    model = get(body, "model", "string", "Model must be string type.")
-    if model is not None and not 1 <= len(model) <= 256:
-        raise invalid(f"Input validation error: length of `model` must be in [1, 256], but got {len(model)}")
-    params.model = model  # a LoRA id in MindIE; unknown ids fall back to the base model
-    _max_tokens(body, params, "max_tokens")
-    params.stream = bool(get(body, "stream", "boolean", "stream must be boolean type."))
-    _vllm_seq_count(params)
-    return params
+
+def media_options(body: dict) -> VideoOptions | None:  # vLLM /generate and OpenAI chat
+    """vLLM's per-request media fields: ``mm_processor_kwargs`` and ``media_io_kwargs.video`` (``num_frames``,
+    ``fps``), and ``return_timestamps``."""
+    media_io = body.get("media_io_kwargs")
+    if media_io is not None:
+        if not isinstance(media_io, dict):
+            raise invalid("media_io_kwargs must be an object")
+        other = sorted(set(media_io) - {"video"})
+        if other:
+            raise invalid(f"media_io_kwargs supports only video for this model, got {other}")
+    return parse_controls([("mm_processor_kwargs", body.get("mm_processor_kwargs")),
+                           ("media_io_kwargs.video", (media_io or {}).get("video"))], body.get("return_timestamps"))
 
 
-# -- TGI /generate, /generate_stream, / -----------------------------------------------------------
-
-def parse_tgi(body: dict, stream: bool) -> GenParams:
-    params = GenParams(default_max_tokens=20, stream=stream)
-    p = get(body, "parameters", "object", "parameters must be object type.") or {}
-    _check_stop(p, params, tgi=True)
-    _temperature(p, params, zero_ok=False)
-    _top_k(p, params, "positive")
-    _top_p(p, params, exclusive_one=True)
-    _typical_p(p, params)
-    params.do_sample = _bool(p, "do_sample")
-    _seed(p, params)
-    _repetition_penalty(p, params)
-    _bool(p, "watermark")  # forwarded in MindIE; no visible effect
-    adapter_id = p.get("adapter_id")
-    if adapter_id is not None and (not isinstance(adapter_id, str) or not _ADAPTER_ID.match(adapter_id)):
-        raise invalid("The format of adapter_id is invalid.")
-    _max_tokens(p, params, "max_new_tokens")
-    params.details = bool(_bool(p, "details"))
-    params.decoder_input_details = bool(_bool(p, "decoder_input_details"))
-    if params.decoder_input_details and stream:
-        raise invalid("The decoder_input_details must not be true when stream is true.")
-    if params.details or params.decoder_input_details:
-        params.need_logprobs()  # details.tokens[].logprob
-    params.return_full_text = bool(_bool(p, "return_full_text"))
-    truncate = p.get("truncate")
-    if truncate is not None:
-        if not _is_int(truncate) or not 0 < truncate <= INT32_MAX:
-            raise invalid(f"Parameter truncate must be in (0,{INT32_MAX}], got {fmt(truncate)}")
-        params.truncate = truncate
-    return params
-
-
-# -- Triton /v2/models/{m}/generate[_stream] ------------------------------------------------------
-
-TRITON_ID = re.compile(r"^[a-zA-Z0-9_-]{1,256}$")
-
-
-def parse_triton(body: dict, stream: bool) -> GenParams:
-    params = GenParams(default_max_tokens=20, stream=stream)
-    request_id = body.get("id")
-    if request_id is not None:
-        if not isinstance(request_id, str) or not TRITON_ID.match(request_id):
-            raise invalid("The id can contain only digits, letters, underscores(_), hyphens(-) and no more than "
-                          "256 words in length.")
-        params.request_id = request_id
-    p = get(body, "parameters", "object", "parameters must be object type.") or {}
-    _temperature(p, params, zero_ok=False)
-    _top_k(p, params, "non_negative")
-    _top_p(p, params)
-    _typical_p(p, params)
-    params.do_sample = _bool(p, "do_sample")
-    _bool(p, "watermark")
-    _seed(p, params)
-    _repetition_penalty(p, params)
+def check_priority(p: dict) -> None:
     priority = p.get("priority")
-    if priority is not None and (not _is_int(priority) or not 1 <= priority <= 5):
-        raise invalid(f"Parameter priority must be in [1, 5], got {fmt(priority)}")
-    _max_tokens(p, params, "max_new_tokens")
-    params.details = bool(_bool(p, "details"))
-    batch_size = p.get("batch_size")
-    if batch_size is not None and (not _is_int(batch_size) or not 0 < batch_size <= INT32_MAX):
-        raise invalid(f"Parameter batch_size must be in (0,{INT32_MAX}], got {fmt(batch_size)}")
-    timeout = p.get("timeout")
-    if timeout is not None:
-        if not _is_int(timeout) or not 0 < timeout <= 65535:
-            raise invalid(f"Parameter timeout must be in (0, 65535], got {fmt(timeout)}")
-        params.timeout = float(timeout)
-    return params
-
-
-# -- OpenAI /v1/chat/completions ------------------------------------------------------------------
-
-def check_openai_model(body: dict, served: list[str], not_found: str = "Model not found") -> str:
-    if body.get("model") is None:
-        raise invalid("Request contains not model or model null")
-    model = body["model"]
-    if not isinstance(model, str):
-        raise invalid("Request param model must be string")
-    if not model:
-        raise invalid("Request param model must be not empty")
-    if model not in served:
-        raise invalid(not_found)
-    return model
-
-
-def parse_openai(body: dict, default_max_tokens: int, max_n: int = 8192) -> GenParams:
-    params = _openai_common(body, default_max_tokens, max_n)
-    logprobs = _bool(body, "logprobs")
-    top_logprobs = get(body, "top_logprobs", "unsigned")
-    if top_logprobs is not None and not 0 <= top_logprobs <= 20:
-        raise invalid(f"Parameter top logprobs must be in [0, 20], got {fmt(top_logprobs)}.")
-    if logprobs is False and top_logprobs is not None:
-        raise invalid("Value error, when using top_logprobs, logprobs must be true or null in chat completions")
-    if logprobs or top_logprobs is not None:
-        params.logprobs, params.top_logprobs = True, top_logprobs or 0
-        params.need_logprobs(params.top_logprobs)
-    _chat_seq_count(params)
-    return params
-
-
-def parse_completions(body: dict, default_max_tokens: int, max_n: int = 8192) -> GenParams:
-    params = _openai_common(body, default_max_tokens, max_n)
-    logprobs = get(body, "logprobs", "unsigned")
-    if logprobs is not None:
-        if logprobs > 5:
-            raise invalid(f"logprobs should be in range [0, 5], got {fmt(logprobs)}.")
-        params.logprobs, params.top_logprobs = True, logprobs
-        params.need_logprobs(logprobs)
-    _completions_seq_count(params)
-    return params
-
-
-def _openai_common(body: dict, default_max_tokens: int, max_n: int) -> GenParams:
-    params = GenParams(default_max_tokens=default_max_tokens)
-    _max_tokens(body, params, "max_tokens")
-    _penalty(body, params, "presence_penalty")
-    _penalty(body, params, "frequency_penalty")
-    _top_p(body, params)
-    params.stream = bool(get(body, "stream", "boolean", "stream must be boolean type."))
-    _temperature(body, params, zero_ok=True)
-    _top_k(body, params, "off_or_positive")
-    _repetition_penalty(body, params, upper=2.0, upper_text="2.0")
-    _check_stop(body, params, tgi=False)
-    _seed(body, params)
-    params.ignore_eos = bool(_bool(body, "ignore_eos"))
-    _check_stop_token_ids(body, params)
-    if params.stop or params.stop_token_ids:
-        params.include_stop_str_in_output = bool(_bool(body, "include_stop_str_in_output"))
-    skip = _bool(body, "skip_special_tokens")
-    params.skip_special_tokens = True if skip is None else skip
-    _n_best_of(body, params, max_n)
-    return params
-
-
-# -- MindIE native POST /infer ----------------------------------------------------------------------
-
-def parse_infer(body: dict) -> GenParams:
-    """``parameters`` of /infer: the Triton names without batch_size, TGI ranges for top_k and top_p."""
-    params = GenParams(default_max_tokens=20)
-    p = get(body, "parameters", "object", "parameters must be object type.") or {}
-    _temperature(p, params, zero_ok=False)
-    _top_k(p, params, "positive")
-    _top_p(p, params, exclusive_one=True)
-    _typical_p(p, params)
-    params.do_sample = _bool(p, "do_sample")
-    _seed(p, params)
-    _repetition_penalty(p, params)
-    _bool(p, "watermark")
-    _priority(p)
-    _max_tokens(p, params, "max_new_tokens")
-    _timeout(p, params)
-    params.details = bool(_bool(p, "details"))
-    params.stream = bool(get(body, "stream", "boolean", "stream must be boolean type."))
-    return params
-
-
-# -- Triton token /v2/models/{m}/infer --------------------------------------------------------------
-
-def parse_triton_token(p: dict) -> GenParams:
-    """``inputs[0].parameters`` of the Triton token route, in MindIE's order."""
-    params = GenParams(default_max_tokens=20)
-    _temperature(p, params, zero_ok=False)
-    _top_k(p, params, "non_negative")
-    _top_p(p, params)
-    params.do_sample = _bool(p, "do_sample")
-    _seed(p, params)
-    _repetition_penalty(p, params)
-    _bool(p, "watermark")
-    _priority(p)
-    _max_tokens(p, params, "max_new_tokens")
-    _timeout(p, params)
-    params.details = bool(_bool(p, "details"))
-    _batch_size(p)
-    return params
-
-
-def _priority(p: dict) -> None:
-    priority = p.get("priority")
-    if priority is not None and (not _is_int(priority) or not 1 <= priority <= 5):
+    if priority is not None and (not is_int(priority) or not 1 <= priority <= 5):
         raise invalid(f"Parameter priority must be in [1, 5], got {fmt(priority)}")
 
 
-def _timeout(p: dict, params: GenParams) -> None:
+def check_timeout(p: dict, params: GenParams) -> None:
     timeout = p.get("timeout")
     if timeout is not None:
-        if not _is_int(timeout) or not 0 < timeout <= 65535:
+        if not is_int(timeout) or not 0 < timeout <= 65535:
             raise invalid(f"Parameter timeout must be in (0, 65535], got {fmt(timeout)}")
         params.timeout = float(timeout)
 
 
-def _batch_size(p: dict) -> None:
+def check_batch_size(p: dict) -> None:
     batch_size = p.get("batch_size")
-    if batch_size is not None and (not _is_int(batch_size) or not 0 < batch_size <= INT32_MAX):
+    if batch_size is not None and (not is_int(batch_size) or not 0 < batch_size <= INT32_MAX):
         raise invalid(f"Parameter batch_size must be in (0,{INT32_MAX}], got {fmt(batch_size)}")

@@ -4,8 +4,8 @@ import tempfile
 
 import pytest
 
-from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
-from examples.models.cogvlm2_llama3_video.synthetic_video import write_synthetic_video
+from atb_llm.demo.make_demo import make_demo_checkpoint
+from atb_llm.demo.synthetic_video import write_synthetic_video
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,3 +53,26 @@ def video_24_frames(video_dir) -> str:
 @pytest.fixture(scope="session")
 def video_3_frames(video_dir) -> str:
     return write_synthetic_video(os.path.join(video_dir, "three.mp4"), seconds=2.5, fps=8, size=(64, 96), seed=5)
+
+
+@pytest.fixture(scope="session")
+def inproc_media(tmp_path_factory, video_6_frames) -> str:
+    """An allowed media directory for the in-process service: ``clip.mp4`` (6 frames) and a corrupt file."""
+    import shutil
+
+    media = tmp_path_factory.mktemp("inproc_media")
+    shutil.copy(video_6_frames, media / "clip.mp4")
+    (media / "corrupt.mp4").write_bytes(os.urandom(4096))
+    return str(media)
+
+
+@pytest.fixture(scope="session")
+def inproc(chat_model_dir, inproc_media):
+    """One in-process service (tests/inprocess.py) shared by the protocol tests."""
+    from service.core import ServiceConfig
+    from tests.inprocess import InProcess
+
+    app = InProcess(ServiceConfig(model_path=chat_model_dir, allowed_media_dirs=[inproc_media], max_seq_len=640,
+                                  max_batch_size=16))
+    yield app
+    app.close()

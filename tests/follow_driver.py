@@ -7,8 +7,8 @@ import sys
 
 import torch
 
+from atb_llm.runner.offline_runner import MultimodalInput, MultimodalPARunner
 from atb_llm.runner.sampler import SamplingParams
-from examples.multimodal_runner import MultimodalInput, MultimodalPARunner
 
 
 def main(model_dir: str, video: str, out_path: str) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from examples.models.cogvlm2_llama3_video.synthetic_video import write_synthetic_video
+from atb_llm.demo.synthetic_video import write_synthetic_video
 
 OLD_ATIME = 1_000_000_000  # 2001: any read under relatime moves the access time past this
 

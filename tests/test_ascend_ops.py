@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from atb_llm.models.cogvlm2_llama3_video.device_ops import DEVICE_OPS_ENV, PortableOps, get_device_ops
+from atb_llm.runner.offline_runner import MultimodalInput, MultimodalPARunner
 from atb_llm.runner.sampler import SamplingParams
-from examples.multimodal_runner import MultimodalInput, MultimodalPARunner
 from tests.reference import poison_kv_cache
 
 FAKE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_npu")

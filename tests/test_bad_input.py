@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from atb_llm.runner.engine import Request
+from atb_llm.runner.offline_runner import MultimodalInput
 from atb_llm.runner.sampler import SamplingParams
-from examples.multimodal_runner import MultimodalInput
 from tests.test_model_equivalence import make_runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
+from atb_llm.demo.make_demo import make_demo_checkpoint
 from atb_llm.models.cogvlm2_llama3_video.input_builder_cogvlm2_llama3_video import parse_conversation, prompt_text
 from atb_llm.runner.engine import Request
 from atb_llm.runner.sampler import SamplingParams
-from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
 from tests.test_model_equivalence import make_runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -177,7 +177,8 @@ def mindie_like_tree(root: str) -> str:
     tree = os.path.join(root, "atb_models")
     # MindIE's atb_llm/runner has model_runner.py (and tokenizer_wrapper.py) only: not our engine.
     shutil.copytree(os.path.join(REPO, "atb_llm"), os.path.join(tree, "atb_llm"),
-                    ignore=shutil.ignore_patterns("__pycache__", MODEL_TYPE, *[f"{m}.py" for m in RUNTIME_MODULES]))
+                    ignore=shutil.ignore_patterns("__pycache__", MODEL_TYPE, "demo",
+                                                  *[f"{m}.py" for m in RUNTIME_MODULES]))
     os.makedirs(os.path.join(tree, "examples", "models", "llava"))
     os.makedirs(os.path.join(tree, "tests", "modeltest", "modeltest", "config", "model"))
     for path in ("examples/__init__.py", "examples/models/__init__.py"):
@@ -207,6 +208,7 @@ def test_install_into_mindie_tree(tmp_path, chat_model_dir, video_3_frames):
                  f"atb_llm/models/{MODEL_TYPE}/ascend_ops.py",
                  f"examples/models/{MODEL_TYPE}/run_pa.sh",
                  f"examples/models/{MODEL_TYPE}/run_pa.py",
+                 "atb_llm/demo/make_demo.py", "atb_llm/demo/synthetic_video.py",
                  "requirements/models/requirements_cogvlm2_video_llama3_chat.txt",
                  f"tests/modeltest/modeltest/config/model/{MODEL_TYPE}.yaml"):
         assert os.path.isfile(os.path.join(tree, path)), path
@@ -311,7 +313,8 @@ def test_service_path_shm_codes_round_trip(chat_model_dir, video_6_frames, tmp_p
         shm_utils.release_shared_memory(save_path)
 
 
-SHIPPED_RUNTIME = {f"atb_llm.runner.{m}" for m in RUNTIME_MODULES}
+SHIPPED_RUNTIME = {f"atb_llm.runner.{m}" for m in RUNTIME_MODULES} | {"atb_llm.demo.make_demo",
+                                                                    "atb_llm.demo.synthetic_video"}
 
 
 def shipped_import_violations(path: str) -> list[str]:
@@ -339,6 +342,7 @@ def test_shipped_runtime_and_runner_use_only_names_mindie_has(tmp_path):
     paths = [os.path.join(REPO, "atb_llm", "runner", f"{m}.py") for m in RUNTIME_MODULES]
     example_dir = os.path.join(REPO, "examples", "models", MODEL_TYPE)
     paths += [os.path.join(example_dir, n) for n in sorted(os.listdir(example_dir)) if n.endswith(".py")]
+    paths += [os.path.join(REPO, "atb_llm", "demo", n) for n in ("make_demo.py", "synthetic_video.py")]
     problems = [p for path in paths for p in shipped_import_violations(path)]
     assert not problems, "\n".join(problems)
     bad = tmp_path / "bad.py"  # the checker catches a host-only helper and MindIE's differing runners

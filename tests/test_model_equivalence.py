@@ -4,8 +4,8 @@ import torch
 from transformers import AutoTokenizer
 
 from atb_llm.models.cogvlm2_llama3_video.input_builder_cogvlm2_llama3_video import parse_conversation
+from atb_llm.runner.offline_runner import MultimodalPARunner
 from atb_llm.runner.sampler import SamplingParams
-from examples.multimodal_runner import MultimodalPARunner
 from tests.reference import DenseReference, chat_token_ids, poison_kv_cache
 
 STEPS = 32

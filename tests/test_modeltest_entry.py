@@ -8,7 +8,7 @@ import os
 import pytest
 import yaml
 
-from examples.multimodal_runner import MultimodalInput
+from atb_llm.runner.offline_runner import MultimodalInput
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAML_PATH = os.path.join(REPO, "tests", "modeltest", "modeltest", "config", "model", "cogvlm2_llama3_video.yaml")

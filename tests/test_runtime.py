@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from atb_llm.demo.make_demo import make_demo_checkpoint
 from atb_llm.models import get_model
 from atb_llm.runner.sampler import SamplingParams
-from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
 from tests.reference import poison_kv_cache, reference_positions
 from tests.test_model_equivalence import make_runner, run_with_logits
 
@@ -414,7 +414,7 @@ def test_chunked_prefill_and_prefix_cache_match_the_dense_reference(chat_model_d
 
 def test_two_videos_with_the_same_text_never_share(chat_model_dir, video_6_frames, tmp_path):
     """Same frame count, same question, so the same token ids: only the videos' content hashes differ."""
-    from examples.models.cogvlm2_llama3_video.synthetic_video import write_synthetic_video
+    from atb_llm.demo.synthetic_video import write_synthetic_video
 
     other = write_synthetic_video(str(tmp_path / "other.mp4"), seconds=5, fps=10, size=(96, 64), seed=9)
     same = str(tmp_path / "renamed.mp4")

@@ -690,7 +690,7 @@ def test_zz_everything_released(server):
 def long_context_model_dir(tmp_path_factory) -> str:
     """A demo checkpoint with a long context, so one request can keep the only batch slot busy for many
     seconds however fast this machine decodes."""
-    from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
+    from atb_llm.demo.make_demo import make_demo_checkpoint
 
     return make_demo_checkpoint(str(tmp_path_factory.mktemp("long_model")), seed=1, shards=1,
                                 overrides={"max_position_embeddings": 32768})

@@ -1,14 +1,16 @@
 """The service's n / best_of, logprobs and the extra routes (/v1/completions, /infer, the Triton token route and
 /stopInfer), against a real server subprocess on the tiny checkpoint (``Server`` from test_service.py).
 
-The last test checks that every KV block is free and no shared-memory segment is left, after requests that fan
-one decoded video out to several sequences.
+``test_zz_everything_released`` checks that every KV block is free and no shared-memory segment is left, after
+requests that fan one decoded video out to several sequences; the very last test stops the server with SIGTERM
+while a stream runs (--shutdown-timeout: the stream ends normally, the exit status is 0).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
 import threading
 import time
 
@@ -24,7 +26,8 @@ CO = {"model": "cogvlm2", "prompt": "Once upon a time"}
 
 @pytest.fixture(scope="module")
 def server(chat_model_dir, media_dir):  # noqa: F811
-    srv = Server(chat_model_dir, media_dir, "--max-batch-size", str(MAX_BATCH), "--max-seq-len", "640")
+    srv = Server(chat_model_dir, media_dir, "--max-batch-size", str(MAX_BATCH), "--max-seq-len", "640",
+                 "--shutdown-timeout", "60")  # drains on SIGTERM: the last test
     yield srv
     assert srv.stop() == 0, srv.output()
 
@@ -464,3 +467,29 @@ def test_zz_everything_released(server):
     assert res["kv_blocks_all_free"] and res["kv_blocks_free"] == res["kv_blocks_total"]
     assert res["released_shm_segments"]
     assert not [n for n in res["released_shm_segments"] if os.path.exists(os.path.join("/dev/shm", n))]
+
+
+def test_zzz_sigterm_drains_in_flight_requests(server):
+    """Last (it stops the module's server): with --shutdown-timeout, SIGTERM lets a running stream end normally,
+    then the server exits 0."""
+    chunks: list[dict] = []
+    first = threading.Event()
+    body = {"model": "cogvlm2", "prompt": [1, 2, 3], "max_tokens": 300, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+
+    def stream():
+        with httpx.stream("POST", server.base + "/v1/completions", json=body, timeout=120) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    chunks.append(json.loads(line[len("data: "):]))
+                    first.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first.wait(60)
+    server.proc.send_signal(signal.SIGTERM)
+    reader.join(120)
+    assert server.proc.wait(60) == 0, server.output()
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 300
+    assert "draining: 1 request(s) in flight" in server.output()

@@ -43,7 +43,7 @@ def media(tmp_path_factory, video_6_frames) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, media):
-    from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
+    from atb_llm.demo.make_demo import make_demo_checkpoint
 
     # A long context, so one request can hold the only batch slot for as long as the overload test needs.
     model = make_demo_checkpoint(str(tmp_path_factory.mktemp("hard_model")), seed=1, shards=1,

@@ -17,13 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atb_llm.models.cogvlm2_llama3_video import (
-    data_preprocess_cogvlm2_llama3_video as vp,
-)
-from examples.models.cogvlm2_llama3_video.synthetic_video import (
+from atb_llm.demo.synthetic_video import (
     read_frame_index,
     synthetic_frame,
     write_synthetic_video,
+)
+from atb_llm.models.cogvlm2_llama3_video import (
+    data_preprocess_cogvlm2_llama3_video as vp,
 )
 
 SIZE = (64, 48)  # (width, height): tiny so that 2700 frames encode and decode in well under 1 s

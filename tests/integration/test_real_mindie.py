@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from atb_llm.demo.make_demo import make_demo_checkpoint
+from atb_llm.demo.synthetic_video import write_synthetic_video
 from atb_llm.models.cogvlm2_llama3_video.data_preprocess_cogvlm2_llama3_video import load_video
-from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
-from examples.models.cogvlm2_llama3_video.synthetic_video import write_synthetic_video
 from tests.reference import DenseReference, chat_token_ids, reference_positions
 
 ROOT = Path(__file__).resolve().parents[2]

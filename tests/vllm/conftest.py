@@ -17,8 +17,8 @@ import torch
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default would reserve far more
 
-from examples.models.cogvlm2_llama3_video.make_demo import make_demo_checkpoint
-from examples.models.cogvlm2_llama3_video.synthetic_video import write_synthetic_video
+from atb_llm.demo.make_demo import make_demo_checkpoint
+from atb_llm.demo.synthetic_video import write_synthetic_video
 
 LM_OVERRIDES = {"hidden_size": 128, "num_attention_heads": 4, "num_multi_query_heads": 2, "intermediate_size": 256}
 

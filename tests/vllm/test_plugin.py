@@ -14,11 +14,11 @@ import torch
 from transformers import AutoTokenizer
 
 import vllm_cogvlm2
+from atb_llm.demo.make_demo import tokenizer_dir
 from atb_llm.models.cogvlm2_llama3_video.input_builder_cogvlm2_llama3_video import (
     parse_conversation,
     prompt_text,
 )
-from examples.models.cogvlm2_llama3_video.make_demo import tokenizer_dir
 from tests.reference import reference_positions
 
 VIDEO = {"type": "video_url", "video_url": {"url": "file:///v.mp4"}}

@@ -13,6 +13,7 @@
 #   tests/modeltest/modeltest/config/model/cogvlm2_llama3_video.yaml   (only if the tree has that folder)
 #   atb_llm/runner/{engine,cache,sampler,detokenizer,offline_runner}.py  (the continuous-batching runtime the
 #       model's runner drives; new files beside MindIE's model_runner.py, which it uses as is)
+#   atb_llm/demo/                                             (the embedded demo checkpoint and video maker)
 # and refuses to overwrite an existing installation unless --force is given. Nothing else in the tree
 # is touched: the framework needs no change for this model.
 set -euo pipefail
@@ -64,6 +65,7 @@ fi
 for module in engine cache sampler detokenizer offline_runner; do
     sources+=("atb_llm/runner/${module}.py")
 done
+sources+=("atb_llm/demo")  # the embedded demo checkpoint and video (run_pa.py without --model_path)
 # The regression suite's model config, when the tree has MindIE's modeltest.
 modeltest_config="tests/modeltest/modeltest/config/model/${model}.yaml"
 if [ -d "${target}/$(dirname "${modeltest_config}")" ]; then

@@ -1,0 +1,1 @@
+"""One module per wire protocol: request parsing, validation, error texts and response formatting."""
