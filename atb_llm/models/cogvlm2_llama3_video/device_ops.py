@@ -4,10 +4,12 @@
 imported only when tensors are on an NPU, so ``torch_npu`` is never needed elsewhere.
 """
 import os
+import time
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -15,8 +17,166 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+# ----------------------------------------------------------------------------------------------
+# Linear layers
+# ----------------------------------------------------------------------------------------------
+# Forces the CPU linear kernel: "plain" (F.linear on the checkpoint's weight), "packed" (oneDNN-prepacked in the
+# compute dtype, or in fp32 where oneDNN cannot pack that dtype on this CPU), or "auto" (default: the faster of
+# those, measured once per weight shape).
+LINEAR_ENV = "COGVLM2_LINEAR"
+# Quantization schemes ``make_linear`` takes (the portable runner's ``--quantize``).
+LINEAR_QUANTIZATIONS = ("w8a16",)
+
+
+class DenseLinear(nn.Module):
+    """``y = x W^T`` with ``F.linear`` on the weight as loaded (CUDA, and CPU where nothing is faster)."""
+
+    kind = "plain"
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class PackedLinear(nn.Module):
+    """``y = x W^T`` over a oneDNN-prepacked copy of ``W`` (blocked for the CPU's GEMM kernels, so no per-call
+    reordering): the original tensor is not kept. ``pack_dtype`` is the weight's dtype when oneDNN can pack it,
+    else fp32 (bf16 weights on a CPU without AVX512-BF16 / AVX-NE-CONVERT: inputs are cast up and outputs back)."""
+
+    kind = "packed"
+
+    def __init__(self, weight: torch.Tensor, pack_dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        self.pack_dtype = pack_dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(pack_dtype).contiguous(), None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (a new tensor, in the dtype it was given in): for inspection, not for compute."""
+        return self.packed.to_dense().to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.pack_dtype).contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
+        return out.to(self.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(nn.Module):
+    """w8a16: int8 weights with one fp scale per output channel (symmetric, round to nearest), multiplied by
+    torch's int8 weight-pack kernel (``aten._weight_int8pack_mm``) with bf16 activations; outputs in the model's
+    dtype. The float weight is not kept."""
+
+    kind = "w8a16"
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        self.act_dtype = torch.bfloat16 if weight.device.type == "cpu" else weight.dtype
+        w32 = weight.float()
+        scales = w32.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.qweight = torch.round(w32 / scales[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+        self.scales = scales.to(self.act_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (a new tensor): for inspection, not for compute."""
+        return (self.qweight.float() * self.scales.float()[:, None]).to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.act_dtype).contiguous()
+        out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
+        return out.to(self.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def onednn_pack_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype oneDNN can prepack a ``dtype`` weight in on this CPU: itself when supported, fp32 for bf16 / fp16
+    where the CPU lacks the instructions (detected, never assumed), None when oneDNN is absent."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    if dtype == torch.float32:
+        return torch.float32
+    if dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    if dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return torch.float16
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _time_linear(module: nn.Module, in_features: int, dtype: torch.dtype, rows: Sequence[int]) -> float:
+    """Best-of-3 seconds of ``module`` over decode-sized inputs (one call per row count, summed)."""
+    inputs = [torch.randn(n, in_features).to(dtype) for n in rows]
+    best = float("inf")
+    with torch.inference_mode():
+        for x in inputs:
+            module(x)  # warm-up: first calls pay for oneDNN primitive creation
+        for _ in range(3):
+            start = time.perf_counter()
+            for x in inputs:
+                module(x)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+_CPU_LINEAR_CHOICE: dict[tuple, str] = {}
+# Output rows of the proxy weight a choice is measured on (time scales with them; a 128k-row lm_head is not timed
+# whole) and the decode batch sizes it is measured at.
+_PROBE_MAX_ROWS = 4096
+_PROBE_BATCHES = (1, 16)
+
+
+def cpu_linear_kind(out_features: int, in_features: int, dtype: torch.dtype) -> str:
+    """"plain" or "packed" for a CPU weight of this shape and dtype: ``COGVLM2_LINEAR`` when set, else measured once
+    per (shape, dtype, threads) on a random weight of the same width."""
+    forced = os.environ.get(LINEAR_ENV, "").strip().lower() or "auto"
+    if forced not in ("auto", "plain", "packed"):
+        raise ValueError(f"{LINEAR_ENV} must be 'auto', 'plain' or 'packed', got {forced!r}")
+    pack_dtype = onednn_pack_dtype(dtype)
+    if pack_dtype is None or forced == "plain":
+        return "plain"
+    if forced == "packed":
+        return "packed"
+    key = (out_features, in_features, dtype, torch.get_num_threads())
+    if key not in _CPU_LINEAR_CHOICE:
+        probe = torch.randn(min(out_features, _PROBE_MAX_ROWS), in_features).to(dtype)
+        plain = _time_linear(DenseLinear(probe), in_features, dtype, _PROBE_BATCHES)
+        packed = _time_linear(PackedLinear(probe, pack_dtype), in_features, dtype, _PROBE_BATCHES)
+        _CPU_LINEAR_CHOICE[key] = "packed" if packed < plain else "plain"
+    return _CPU_LINEAR_CHOICE[key]
+
+
+def make_linear(ops, weight: torch.Tensor, quantize: str | None = None) -> nn.Module:
+    """The linear module the device backend ``ops`` offers for ``weight`` (``[out, in]``, no bias); a backend
+    without ``make_linear`` (Ascend) gets plain ``F.linear``. The model calls this and never branches on devices."""
+    factory = getattr(ops, "make_linear", None)
+    if factory is not None:
+        return factory(weight, quantize)
+    if quantize is not None:
+        raise ValueError(f"quantize={quantize!r} is not supported by the {getattr(ops, '__name__', ops)} backend")
+    return DenseLinear(weight)
+
+
 class PortableOps:
     """Reference semantics every backend must match."""
+
+    @staticmethod
+    def make_linear(weight: torch.Tensor, quantize: str | None = None) -> nn.Module:
+        """A module computing ``x W^T``: on CPU the oneDNN-prepacked weight where measured faster than
+        ``F.linear`` (``cpu_linear_kind``), or int8 weights for ``quantize="w8a16"``; elsewhere ``F.linear``."""
+        if quantize is not None:
+            if quantize not in LINEAR_QUANTIZATIONS:
+                raise ValueError(f"quantize={quantize!r}: the portable backend supports {LINEAR_QUANTIZATIONS}")
+            if weight.device.type != "cpu":
+                raise ValueError(f"quantize={quantize!r} is implemented for CPU only, not {weight.device.type}")
+            return Int8Linear(weight)
+        if weight.device.type == "cpu" and cpu_linear_kind(*weight.shape, weight.dtype) == "packed":
+            return PackedLinear(weight, onednn_pack_dtype(weight.dtype))
+        return DenseLinear(weight)
 
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
