@@ -79,9 +79,11 @@ class Int8Linear(nn.Module):
         self.dtype = weight.dtype
         self.act_dtype = torch.bfloat16 if weight.device.type == "cpu" else weight.dtype
         w32 = weight.float()
-        scales = w32.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.qweight = torch.round(w32 / scales[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
-        self.scales = scales.to(self.act_dtype)
+        # The kernel takes the scales in the activations' dtype: round them first and quantize against the
+        # rounded scales, so every weight stays within half a (rounded) step of its original.
+        self.scales = (w32.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(self.act_dtype)
+        steps = self.scales.float()[:, None]
+        self.qweight = torch.round(w32 / steps).clamp_(-127, 127).to(torch.int8).contiguous()
 
     @property
     def weight(self) -> torch.Tensor:
