@@ -163,6 +163,26 @@ def make_linear(ops, weight: torch.Tensor, quantize: str | None = None) -> nn.Mo
     return DenseLinear(weight)
 
 
+def _block_runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
+    """``(first block, count)`` for each run of consecutive block ids, in order."""
+    runs: list[tuple[int, int]] = []
+    for block in blocks:
+        if runs and block == runs[-1][0] + runs[-1][1]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((block, 1))
+    return runs
+
+
+def _native_low_precision_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bf16 / fp16) natively (AVX512-BF16, AMX, AVX-NE-CONVERT)."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
 class PortableOps:
     """Reference semantics every backend must match."""
 
@@ -260,11 +280,64 @@ class PortableOps:
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
         """One query token per sequence ``q [B, heads, head_dim]`` over its cached context.
 
-        Written as two batched matmuls with the query heads grouped per KV head: with a one-token query,
-        SDPA on CPU takes a slow masked path (measured ~10x slower than this at batch 8).
-        Slots past a sequence's context were never written (the cache is ``torch.empty``, as MindIE's): their
-        scores are masked and their values zeroed, since a masked probability of 0 times NaN is still NaN.
-        """
+        On CPU, K/V are read in place (``paged_decode_attention_in_place``); elsewhere through a gather of the
+        sequences' blocks (``paged_decode_attention_gathered``), whose one batched matmul suits a GPU better than a
+        loop over sequences."""
+        if q.device.type == "cpu":
+            return PortableOps.paged_decode_attention_in_place(q, k_cache, v_cache, block_tables, context_lens,
+                                                               scale)
+        return PortableOps.paged_decode_attention_gathered(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+    @staticmethod
+    def paged_decode_attention_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                        block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                        scale: float) -> torch.Tensor:
+        """Decode attention reading K/V where they lie in the paged cache, with no copy of the blocks.
+
+        Per sequence, its block list is split into runs of consecutive block ids (a sequence's blocks are usually
+        one run); a run is a strided view ``[tokens, kv_heads, head_dim]`` of the cache, cut at the context length,
+        so an unwritten slot (the cache is ``torch.empty``, as MindIE's: NaN, anything) is never read, not even
+        masked. Scores and the weighted sum are batched matmuls over the KV heads with the query heads grouped per
+        KV head, over those views. In bf16 on a CPU without native bf16 matmuls, each run is cast to fp32 first
+        (its own small copy: bf16 batched matmuls are ~10x slower there)."""
+        batch, heads, head_dim = q.shape
+        block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+        compute = q.dtype
+        if compute != torch.float32 and not _native_low_precision_matmul(compute):
+            compute = torch.float32
+        grouped = (q.to(compute) * scale).view(batch, kv_heads, heads // kv_heads, head_dim)
+        out = torch.empty(batch, kv_heads, heads // kv_heads, head_dim, dtype=compute, device=q.device)
+        tables = block_tables.tolist()
+        for b, length in enumerate(context_lens.tolist()):
+            keys, values = [], []
+            left = length
+            for first, count in _block_runs(tables[b][:-(-length // block_size)]):
+                tokens = min(count * block_size, left)
+                left -= tokens
+                keys.append(k_cache[first:first + count].view(-1, kv_heads, head_dim)[:tokens].to(compute))
+                values.append(v_cache[first:first + count].view(-1, kv_heads, head_dim)[:tokens].to(compute))
+            # [kv_heads, group, tokens]: one batched matmul per run over the KV heads.
+            scores = [torch.matmul(grouped[b], k.permute(1, 2, 0)) for k in keys]
+            probs = torch.softmax(scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1), dim=-1,
+                                  dtype=torch.float32).to(compute)
+            if len(values) == 1:
+                torch.matmul(probs, values[0].transpose(0, 1), out=out[b])
+                continue
+            start = 0
+            out[b].zero_()
+            for v in values:
+                out[b] += torch.matmul(probs[..., start:start + v.shape[0]], v.transpose(0, 1))
+                start += v.shape[0]
+        return out.view(batch, heads, head_dim).to(q.dtype)
+
+    @staticmethod
+    def paged_decode_attention_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                        block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                        scale: float) -> torch.Tensor:
+        """Decode attention over a gather of each sequence's blocks, as two batched matmuls with the query heads
+        grouped per KV head (with a one-token query, SDPA takes a slow masked path). Slots past a sequence's
+        context were never written: their scores are masked and their values zeroed, since a masked probability
+        of 0 times NaN is still NaN."""
         batch, heads, head_dim = q.shape
         max_blocks = block_tables.shape[1]
         block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
