@@ -110,18 +110,22 @@ def onednn_pack_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
 
 
-def _time_linear(module: nn.Module, in_features: int, dtype: torch.dtype, rows: Sequence[int]) -> float:
-    """Best-of-3 seconds of ``module`` over decode-sized inputs (one call per row count, summed)."""
+def _time_linears(modules: Sequence[nn.Module], in_features: int, dtype: torch.dtype, rows: Sequence[int],
+                  rounds: int = 5) -> list[float]:
+    """Best-of-``rounds`` seconds of each module over decode-sized inputs (one call per row count, summed), the
+    modules interleaved in every round so that a noisy neighbour slows them alike."""
     inputs = [torch.randn(n, in_features).to(dtype) for n in rows]
-    best = float("inf")
+    best = [float("inf")] * len(modules)
     with torch.inference_mode():
-        for x in inputs:
-            module(x)  # warm-up: first calls pay for oneDNN primitive creation
-        for _ in range(3):
-            start = time.perf_counter()
+        for module in modules:
             for x in inputs:
-                module(x)
-            best = min(best, time.perf_counter() - start)
+                module(x)  # warm-up: first calls pay for oneDNN primitive creation
+        for _ in range(rounds):
+            for i, module in enumerate(modules):
+                start = time.perf_counter()
+                for x in inputs:
+                    module(x)
+                best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -146,8 +150,8 @@ def cpu_linear_kind(out_features: int, in_features: int, dtype: torch.dtype) -> 
     key = (out_features, in_features, dtype, torch.get_num_threads())
     if key not in _CPU_LINEAR_CHOICE:
         probe = torch.randn(min(out_features, _PROBE_MAX_ROWS), in_features).to(dtype)
-        plain = _time_linear(DenseLinear(probe), in_features, dtype, _PROBE_BATCHES)
-        packed = _time_linear(PackedLinear(probe, pack_dtype), in_features, dtype, _PROBE_BATCHES)
+        plain, packed = _time_linears([DenseLinear(probe), PackedLinear(probe, pack_dtype)], in_features, dtype,
+                                      _PROBE_BATCHES)
         _CPU_LINEAR_CHOICE[key] = "packed" if packed < plain else "plain"
     return _CPU_LINEAR_CHOICE[key]
 
