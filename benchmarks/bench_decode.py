@@ -27,7 +27,7 @@ import tempfile
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from atb_llm.models.cogvlm2_llama3_video.device_ops import LINEAR_ENV, PortableOps
 from atb_llm.runner.engine import Request
@@ -87,16 +87,26 @@ def time_ours(runner: PARunner, prompts, steps: int):
     return prefill, decode / (steps - 1), [r.output_ids for r in requests]
 
 
+class _StepClock(LogitsProcessor):
+    """Stamps the time each generated token's logits are ready (after its forward)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
 def time_hf(model, prompts, steps: int):
+    """One ``generate``: prefill = until the first logits, decode = between the first and the last logits."""
     ids = torch.tensor(prompts)
+    clock = _StepClock()
     with torch.inference_mode():
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
-        total = time.perf_counter() - start
-    return prefill, (total - prefill) / (steps - 1), out[:, ids.shape[1]:].tolist()
+        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
+                             logits_processor=LogitsProcessorList([clock]))
+    return clock.times[0] - start, (clock.times[-1] - clock.times[0]) / (steps - 1), out[:, ids.shape[1]:].tolist()
 
 
 @contextlib.contextmanager
