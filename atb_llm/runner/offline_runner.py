@@ -60,7 +60,9 @@ class PARunner:
                                  local_rank=self.local_rank, dtype=kwargs.get("dtype"),
                                  max_position_embeddings=kwargs.get("max_position_embeddings"),
                                  device=kwargs.get("device"))
-        self.model.load_weights(max_batch_size=self.max_batch_size, linear_quantize=kwargs.get("quantize"))
+        # --quantize is the portable host's (its ModelRunner passes it to the model); MindIE's runner gets no new key.
+        extra = {"linear_quantize": kwargs["quantize"]} if kwargs.get("quantize") else {}
+        self.model.load_weights(max_batch_size=self.max_batch_size, **extra)
         self.tokenizer = self.model.tokenizer
         self.max_seq_len = min(self.max_input_length + self.max_output_length, self.model.max_position_embeddings)
         self.cache_manager: CacheManager | None = None
