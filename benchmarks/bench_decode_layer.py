@@ -8,7 +8,8 @@ over a 576-token context at each batch size, best of n interleaved:
 - after: the backend's linears (``COGVLM2_LINEAR=auto``: oneDNN-prepacked where measured faster) and decode
   attention reading the paged cache in place;
 
-plus the attention op alone. Blocks are handed out shuffled, as a long-running cache leaves them.
+plus the attention op alone. Blocks are handed out consecutively (one run per sequence, as a fresh cache hands
+them out) and shuffled (every block its own run, as a long-running cache may leave them).
 
     .venv/bin/python -m benchmarks.bench_decode_layer [--dtype float32] [--batches 1 16] [--real]
 """
@@ -80,7 +81,7 @@ def best_ms(fn, repeats: int, calls: int = 5) -> float:
 
 
 def time_batch(layers: dict, attention: dict, config: Config, dtype: torch.dtype, batch: int,
-               args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+               args: argparse.Namespace, shuffled: bool) -> dict[str, tuple[float, float]]:
     """Best (layer ms, attention ms) of "before" and "after" for one decode token per sequence."""
     head_dim = config.hidden_size // config.num_attention_heads
     heads, kv_heads = config.num_attention_heads, config.num_multi_query_heads
@@ -88,7 +89,9 @@ def time_batch(layers: dict, attention: dict, config: Config, dtype: torch.dtype
     num_blocks = batch * per_seq
     k_cache = torch.randn(num_blocks, args.block_size, kv_heads, head_dim).to(dtype)
     v_cache = torch.randn_like(k_cache)
-    tables = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(batch)).view(batch, per_seq)
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(batch)) if shuffled \
+        else torch.arange(num_blocks)
+    tables = order.view(batch, per_seq)
     lengths = torch.full((batch,), args.context + 1)
     slots = tables[:, args.context // args.block_size] * args.block_size + args.context % args.block_size
     meta = AttentionMetadata(is_prefill=False, slots=slots, seq_lens=lengths.tolist(), block_tables=tables,
@@ -136,13 +139,15 @@ def main() -> None:
                  "after": PortableOps.paged_decode_attention_in_place}
     print(f"torch threads {torch.get_num_threads()}, dtype {args.dtype}, context {args.context}, "
           f"{'real' if args.real else 'bench_decode'} layer shapes")
-    print(f"{'batch':>5} {'layer before ms':>16} {'layer after ms':>15} {'ratio':>6} {'attn before ms':>15} "
-          f"{'attn after ms':>14} {'ratio':>6}")
+    print(f"{'batch':>5} {'blocks':>10} {'layer before ms':>16} {'layer after ms':>15} {'ratio':>6} "
+          f"{'attn before ms':>15} {'attn after ms':>14} {'ratio':>6}")
     for batch in args.batches:
-        times = time_batch(layers, attention, config, dtype, batch, args)
-        (lb, ab), (la, aa) = times["before"], times["after"]
-        print(f"{batch:>5} {lb:>16.2f} {la:>15.2f} {la / lb:>6.2f} {ab:>15.2f} {aa:>14.2f} {aa / ab:>6.2f}",
-              flush=True)
+        for shuffled in (False, True):
+            times = time_batch(layers, attention, config, dtype, batch, args, shuffled)
+            (lb, ab), (la, aa) = times["before"], times["after"]
+            layout = "shuffled" if shuffled else "in order"
+            print(f"{batch:>5} {layout:>10} {lb:>16.2f} {la:>15.2f} {la / lb:>6.2f} {ab:>15.2f} {aa:>14.2f} "
+                  f"{aa / ab:>6.2f}", flush=True)
 
 if __name__ == "__main__":
     main()
