@@ -303,16 +303,34 @@ class PortableOps:
         so an unwritten slot (the cache is ``torch.empty``, as MindIE's: NaN, anything) is never read, not even
         masked. Scores and the weighted sum are batched matmuls over the KV heads with the query heads grouped per
         KV head, over those views. In bf16 on a CPU without native bf16 matmuls, each run is cast to fp32 first
-        (its own small copy: bf16 batched matmuls are ~10x slower there)."""
+        (its own small copy: bf16 batched matmuls are ~10x slower there). The loop's ops are small, so they run on
+        one thread: with a busy core, each multi-threaded small op waited a scheduler slice for its second thread
+        (measured 3.7 ms per tiny matmul on a loaded 2-core machine, against microseconds on one thread)."""
         batch, heads, head_dim = q.shape
-        block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+        kv_heads = k_cache.shape[2]
         compute = q.dtype
         if compute != torch.float32 and not _native_low_precision_matmul(compute):
             compute = torch.float32
         grouped = (q.to(compute) * scale).view(batch, kv_heads, heads // kv_heads, head_dim)
         out = torch.empty(batch, kv_heads, heads // kv_heads, head_dim, dtype=compute, device=q.device)
         tables = block_tables.tolist()
-        for b, length in enumerate(context_lens.tolist()):
+        threads = torch.get_num_threads()
+        if threads > 1:
+            torch.set_num_threads(1)
+        try:
+            PortableOps._in_place_rows(grouped, k_cache, v_cache, tables, context_lens.tolist(), out)
+        finally:
+            if threads > 1:
+                torch.set_num_threads(threads)
+        return out.view(batch, heads, head_dim).to(q.dtype)
+
+    @staticmethod
+    def _in_place_rows(grouped: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list,
+                       lengths: list, out: torch.Tensor) -> None:
+        """The per-sequence loop of ``paged_decode_attention_in_place``: ``out[b]`` for each sequence b."""
+        block_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+        compute = grouped.dtype
+        for b, length in enumerate(lengths):
             keys, values = [], []
             left = length
             for first, count in _block_runs(tables[b][:-(-length // block_size)]):
@@ -332,7 +350,6 @@ class PortableOps:
             for v in values:
                 out[b] += torch.matmul(probs[..., start:start + v.shape[0]], v.transpose(0, 1))
                 start += v.shape[0]
-        return out.view(batch, heads, head_dim).to(q.dtype)
 
     @staticmethod
     def paged_decode_attention_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
