@@ -120,12 +120,13 @@ def gathered_decode_attention():
         PortableOps.paged_decode_attention = original
 
 
-def make_runner(model_dir: str, args: argparse.Namespace, linear: str) -> PARunner:
+def make_runner(model_dir: str, args: argparse.Namespace, linear: str, quantize: str | None = None) -> PARunner:
     saved = os.environ.get(LINEAR_ENV)
     os.environ[LINEAR_ENV] = linear
     try:
         return PARunner(model_path=model_dir, dtype=args.dtype, device="cpu", max_input_length=args.prompt,
-                        max_output_length=args.steps, max_batch_size=max(args.batches), block_size=128)
+                        max_output_length=args.steps, max_batch_size=max(args.batches), block_size=128,
+                        quantize=quantize)
     finally:
         if saved is None:
             os.environ.pop(LINEAR_ENV)
@@ -177,6 +178,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-before", dest="before", action="store_false", help="skip the pre-fast-decode path")
     parser.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip vLLM even where it imports")
+    parser.add_argument("--w8a16", action="store_true", help="also time ours with --quantize w8a16")
     parser.add_argument("--plot", default="bench_decode.png", help="PNG of tokens/s against batch ('' = none)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -186,10 +188,13 @@ def main() -> None:
     results: dict[str, dict] = {"ours": {}, "ours before": {}, "transformers": {}}
     if not args.before:
         del results["ours before"]
+    if args.w8a16:
+        results["ours w8a16"] = {}
     with tempfile.TemporaryDirectory() as folder:
         model_dir = make_demo_checkpoint(os.path.join(folder, "peer"), shards=1, overrides=PEER)
         runner = make_runner(model_dir, args, "auto")
         before = make_runner(model_dir, args, "plain") if args.before else None
+        quantized = make_runner(model_dir, args, "auto", "w8a16") if args.w8a16 else None
         hf = hf_llama(runner, dtype)
         for batch in args.batches:
             for _ in range(args.repeats):  # interleaved, best of n: the machine is shared and noisy
@@ -197,11 +202,13 @@ def main() -> None:
                 if before is not None:
                     with gathered_decode_attention():
                         runs["ours before"] = time_ours(before, prompts[batch], args.steps)
+                if quantized is not None:
+                    runs["ours w8a16"] = time_ours(quantized, prompts[batch], args.steps)
                 runs["transformers"] = time_hf(hf, prompts[batch], args.steps)
                 for name, run in runs.items():
                     if batch not in results[name] or run[1] < results[name][batch][1]:
                         results[name][batch] = run
-        del runner, before, hf
+        del runner, before, quantized, hf
         if args.vllm and importlib.util.find_spec("vllm") is not None:
             results["vLLM"] = time_vllm(model_dir, args, prompts)
     print(f"torch threads {torch.get_num_threads()}, dtype {args.dtype}, prompt {args.prompt}, steps {args.steps}, "
