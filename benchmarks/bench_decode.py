@@ -1,23 +1,36 @@
-"""Decode and prefill speed of our paged engine against transformers' ``generate`` on the same weights.
+"""Decode speed of our paged engine against transformers' ``generate`` (and vLLM with the plugin, when this
+interpreter has it) on the same weights, side by side in one process.
 
 Builds (once, into a temp dir) a text-only-sized checkpoint in the real layout (hidden 1024, 8 layers,
 16/4 heads, ffn 3584, vocab 128256: a 372 M-parameter Llama), loads the same tensors into
-``transformers.LlamaForCausalLM``, and times both side by side in one process, greedy, for batch 1 and 8.
-Prints ms per decode step and the ratio (ours / transformers; below 1 is faster). "same tokens" counts
-sequences whose greedy tokens agree; in bf16, random weights give near-tied logits where rounding order
-decides the argmax, so use ``--dtype float32`` to check equality.
+``transformers.LlamaForCausalLM``, and times, greedy, for each batch size (default 1, 8, 16), best of n
+interleaved runs:
 
-    .venv/bin/python -m benchmarks.bench_decode [--dtype bfloat16] [--prompt 512] [--steps 64]
+- ours: the backend's linears (oneDNN-prepacked on CPU where measured faster) and in-place decode attention;
+- ours before: ``F.linear`` on the checkpoint's weights and decode attention over gathered blocks (the engine
+  before the fast-decode work; ``--no-before`` skips it);
+- transformers (sdpa);
+- vLLM with vllm_cogvlm2 (only when ``vllm`` imports, i.e. run in ``.venv-vllm``; ``--no-vllm`` skips it).
+
+Prints ms per decode step, tokens/s and the ratios (ours / other; below 1 is faster), and writes a plot of
+tokens/s against batch size (``--plot``, matplotlib from requirements/benchmark.txt). "same tokens" counts
+sequences whose greedy tokens agree with transformers'; in bf16, random weights give near-tied logits where
+rounding order decides the argmax, so use float32 (the default) to check equality.
+
+    .venv/bin/python -m benchmarks.bench_decode [--dtype float32] [--prompt 256] [--steps 32] [--plot FILE]
 """
 import argparse
+import contextlib
+import importlib.util
 import os
 import tempfile
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from atb_llm.demo.make_demo import make_demo_checkpoint
+from atb_llm.models.cogvlm2_llama3_video.device_ops import LINEAR_ENV, PortableOps
 from atb_llm.runner.engine import Request
 from atb_llm.runner.offline_runner import PARunner
 from atb_llm.runner.sampler import SamplingParams
@@ -74,49 +87,147 @@ def time_ours(runner: PARunner, prompts, steps: int):
     return prefill, decode / (steps - 1), [r.output_ids for r in requests]
 
 
+class _StepClock(LogitsProcessor):
+    """Stamps the time each generated token's logits are ready (after its forward)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
 def time_hf(model, prompts, steps: int):
+    """One ``generate``: prefill = until the first logits, decode = between the first and the last logits."""
     ids = torch.tensor(prompts)
+    clock = _StepClock()
     with torch.inference_mode():
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
-        total = time.perf_counter() - start
-    return prefill, (total - prefill) / (steps - 1), out[:, ids.shape[1]:].tolist()
+        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
+                             logits_processor=LogitsProcessorList([clock]))
+    return clock.times[0] - start, (clock.times[-1] - clock.times[0]) / (steps - 1), out[:, ids.shape[1]:].tolist()
+
+
+@contextlib.contextmanager
+def gathered_decode_attention():
+    """Decode attention over gathered blocks (the path before in-place reads), for the "before" timing."""
+    original = PortableOps.paged_decode_attention
+    PortableOps.paged_decode_attention = staticmethod(PortableOps.paged_decode_attention_gathered)
+    try:
+        yield
+    finally:
+        PortableOps.paged_decode_attention = original
+
+
+def make_runner(model_dir: str, args: argparse.Namespace, linear: str, quantize: str | None = None) -> PARunner:
+    saved = os.environ.get(LINEAR_ENV)
+    os.environ[LINEAR_ENV] = linear
+    try:
+        return PARunner(model_path=model_dir, dtype=args.dtype, device="cpu", max_input_length=args.prompt,
+                        max_output_length=args.steps, max_batch_size=max(args.batches), block_size=128,
+                        quantize=quantize)
+    finally:
+        if saved is None:
+            os.environ.pop(LINEAR_ENV)
+        else:
+            os.environ[LINEAR_ENV] = saved
+
+
+def time_vllm(model_dir: str, args: argparse.Namespace, prompts: dict) -> dict:
+    """vLLM with the plugin, in this process (run from .venv-vllm): {batch: (prefill, ms/step, tokens)}."""
+    from benchmarks.bench_vllm_plugin import vllm_decode, vllm_engine
+
+    threads = torch.get_num_threads()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    args.compile = False
+    llm = vllm_engine(model_dir, args, os.path.dirname(model_dir))
+    return {b: min((vllm_decode(llm, prompts[b], args.steps) for _ in range(args.repeats)), key=lambda r: r[1])
+            for b in args.batches}
+
+
+def plot(results: dict, batches: list[int], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, rows in results.items():
+        axis.plot(batches, [b / rows[b][1] for b in batches], marker="o", label=name)
+    axis.set_xlabel("batch size (sequences decoding together)")
+    axis.set_ylabel("decode tokens/s")
+    axis.set_xticks(batches)
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"plot written to {path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--dtype", default="float32", choices=("bfloat16", "float32"))
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-before", dest="before", action="store_false", help="skip the pre-fast-decode path")
+    parser.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip vLLM even where it imports")
+    parser.add_argument("--w8a16", action="store_true", help="also time ours with --quantize w8a16")
+    parser.add_argument("--plot", default="bench_decode.png", help="PNG of tokens/s against batch ('' = none)")
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
+    prompts = {b: torch.randint(0, 120000, (b, args.prompt), generator=torch.Generator().manual_seed(b)).tolist()
+               for b in args.batches}
+    results: dict[str, dict] = {"ours": {}, "ours before": {}, "transformers": {}}
+    if not args.before:
+        del results["ours before"]
+    if args.w8a16:
+        results["ours w8a16"] = {}
     with tempfile.TemporaryDirectory() as folder:
         model_dir = make_demo_checkpoint(os.path.join(folder, "peer"), shards=1, overrides=PEER)
-        runner = PARunner(model_path=model_dir, dtype=args.dtype, device="cpu", max_input_length=args.prompt,
-                          max_output_length=args.steps, max_batch_size=max(args.batches), block_size=128)
+        runner = make_runner(model_dir, args, "auto")
+        before = make_runner(model_dir, args, "plain") if args.before else None
+        quantized = make_runner(model_dir, args, "auto", "w8a16") if args.w8a16 else None
         hf = hf_llama(runner, dtype)
-    print(f"torch threads {torch.get_num_threads()}, dtype {args.dtype}, prompt {args.prompt}, steps {args.steps}")
-    print(f"{'batch':>5} {'ours ms/step':>13} {'hf ms/step':>11} {'ratio':>6} {'ours prefill s':>15} "
-          f"{'hf prefill s':>13} {'same tokens':>11}")
+        for batch in args.batches:
+            for _ in range(args.repeats):  # interleaved, best of n: the machine is shared and noisy
+                runs = {"ours": time_ours(runner, prompts[batch], args.steps)}
+                if before is not None:
+                    with gathered_decode_attention():
+                        runs["ours before"] = time_ours(before, prompts[batch], args.steps)
+                if quantized is not None:
+                    runs["ours w8a16"] = time_ours(quantized, prompts[batch], args.steps)
+                runs["transformers"] = time_hf(hf, prompts[batch], args.steps)
+                for name, run in runs.items():
+                    if batch not in results[name] or run[1] < results[name][batch][1]:
+                        results[name][batch] = run
+        del runner, before, quantized, hf
+        if args.vllm and importlib.util.find_spec("vllm") is not None:
+            results["vLLM"] = time_vllm(model_dir, args, prompts)
+    print(f"torch threads {torch.get_num_threads()}, dtype {args.dtype}, prompt {args.prompt}, steps {args.steps}, "
+          f"best of {args.repeats}")
+    others = [name for name in results if name != "ours"]
+    header = f"{'batch':>5} " + " ".join(f"{name + ' ms/step':>20}" for name in results)
+    header += " " + " ".join(f"{'ours/' + name:>18}" for name in others)
+    header += f" {'ours tok/s':>10} {'same tokens':>11}"
+    print(header)
     for batch in args.batches:
-        generator = torch.Generator().manual_seed(batch)
-        prompts = torch.randint(0, 120000, (batch, args.prompt), generator=generator).tolist()
-        best = None
-        for _ in range(args.repeats):  # interleaved, best of n: the machine is shared and noisy
-            ours = time_ours(runner, prompts, args.steps)
-            theirs = time_hf(hf, prompts, args.steps)
-            if best is None or ours[1] + theirs[1] < best[0][1] + best[1][1]:
-                best = (ours, theirs)
-        ours, theirs = best
-        same = sum(a == b for a, b in zip(ours[2], theirs[2]))
-        print(f"{batch:>5} {ours[1] * 1000:>13.1f} {theirs[1] * 1000:>11.1f} {ours[1] / theirs[1]:>6.2f} "
-              f"{ours[0]:>15.3f} {theirs[0]:>13.3f} {same:>8}/{batch}")
+        ours = results["ours"][batch]
+        line = f"{batch:>5} " + " ".join(f"{results[name][batch][1] * 1000:>20.1f}" for name in results)
+        line += " " + " ".join(f"{ours[1] / results[name][batch][1]:>18.2f}" for name in others)
+        same = sum(a == b for a, b in zip(ours[2], results["transformers"][batch][2]))
+        line += f" {batch / ours[1]:>10.1f} {same:>8}/{batch}"
+        print(line)
+    if args.plot:
+        plot(results, args.batches, args.plot, f"decode, 372M Llama, {args.dtype}, {torch.get_num_threads()} threads, "
+                                               f"prompt {args.prompt}")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ class BlockManager:
                 self.evictions += 1
             self._refs[block] = 1
             blocks.append(block)
-        return blocks
+        # Which blocks is decided above; in ascending order, a contiguous set (blocks freed tail-first come back
+        # reversed) is one run that decode attention reads as a single view of the cache.
+        return sorted(blocks)
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; a block nobody uses any more becomes free (keeping its cached

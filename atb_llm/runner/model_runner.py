@@ -83,10 +83,15 @@ class ModelRunner:
         self.leads_followers = False
 
     def load_weights(self, **kwargs) -> None:
+        """``linear_quantize="w8a16"``: the portable host quantizes the LM linears of a float checkpoint as it
+        loads them (a keyword MindIE's runner never passes; its ``quantize`` config path is unchanged)."""
         weights = Weights(self.model_name_or_path, self.device, self.dtype, process_group=self.process_group)
+        extra = {"linear_quantize": kwargs["linear_quantize"]} if kwargs.get("linear_quantize") else {}
         try:
-            self.model = self.model_cls(self.config, weights, max_batch_size=kwargs.get("max_batch_size"))
+            self.model = self.model_cls(self.config, weights, max_batch_size=kwargs.get("max_batch_size"), **extra)
         except TypeError:
+            if extra:
+                raise
             self.model = self.model_cls(self.config, weights)
         self.model.to(self.device)
         self.model.eval()

@@ -60,7 +60,9 @@ class PARunner:
                                  local_rank=self.local_rank, dtype=kwargs.get("dtype"),
                                  max_position_embeddings=kwargs.get("max_position_embeddings"),
                                  device=kwargs.get("device"))
-        self.model.load_weights(max_batch_size=self.max_batch_size)
+        # --quantize is the portable host's (its ModelRunner passes it to the model); MindIE's runner gets no new key.
+        extra = {"linear_quantize": kwargs["quantize"]} if kwargs.get("quantize") else {}
+        self.model.load_weights(max_batch_size=self.max_batch_size, **extra)
         self.tokenizer = self.model.tokenizer
         self.max_seq_len = min(self.max_input_length + self.max_output_length, self.model.max_position_embeddings)
         self.cache_manager: CacheManager | None = None
@@ -171,6 +173,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="compute dtype (default: config.json's torch_dtype)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    parser.add_argument("--quantize", choices=("w8a16",), default=None,
+                        help="w8a16: the language model's linears in int8 per-channel weights (CPU), quantized at "
+                             "load from the float checkpoint; the vision tower stays in full precision")
     parser.add_argument("--results_save_path", default=None, help="write the results as JSON here")
     add_sampling_args(parser)
     return parser

@@ -6,8 +6,13 @@ import os
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 _INTEGER_DTYPES = (torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool)
+# Loading progress (tensors read, shard being read) on stderr: "1" always, "0" never, "auto" (default) for
+# checkpoints of 1 GiB or more, on rank 0.
+PROGRESS_ENV = "COGVLM2_LOAD_PROGRESS"
+_PROGRESS_MIN_BYTES = 1 << 30
 
 
 class Weights:
@@ -25,6 +30,31 @@ class Weights:
         self.aliases = aliases or {}
         self.routing = self._build_routing(model_name_or_path, extension)
         self._handles: dict[str, object] = {}
+        self._loaded: set[str] = set()
+        self._progress: tqdm | None = None
+        self._show_progress = self._progress_wanted()
+
+    def _progress_wanted(self) -> bool:
+        mode = os.environ.get(PROGRESS_ENV, "auto").strip().lower()
+        if mode in ("0", "false", "no") or (self.process_group is not None and self.process_group.rank() != 0):
+            return False
+        if mode in ("1", "true", "yes"):
+            return True
+        files = set(self.routing.values())
+        return sum(os.path.getsize(f) for f in files) >= _PROGRESS_MIN_BYTES
+
+    def _count_loaded(self, name: str) -> None:
+        """Advances the loading bar by one tensor; its postfix names the shard being read."""
+        if not self._show_progress or name in self._loaded:
+            return
+        if self._progress is None:
+            self._progress = tqdm(total=len(self.routing), unit="tensor", desc="loading weights")
+        self._loaded.add(name)
+        shards = sorted(set(self.routing.values()))
+        shard = self.routing.get(self.aliases.get(name, name))
+        if shard is not None:
+            self._progress.set_postfix_str(f"shard {shards.index(shard) + 1}/{len(shards)}", refresh=False)
+        self._progress.update(1)
 
     @staticmethod
     def _build_routing(path: str, extension: str) -> dict[str, str]:
@@ -71,6 +101,7 @@ class Weights:
     def get_tensor(self, tensor_name: str, ignore_tensor_correction: bool = False) -> torch.Tensor:
         handle, name = self._handle(tensor_name)
         tensor = handle.get_tensor(name)
+        self._count_loaded(tensor_name)
         return tensor if ignore_tensor_correction else self._correct_dtype(tensor)
 
     def get_partial_sharded(self, tensor_name: str, dim: int, gqa_size: int = 1) -> torch.Tensor:
@@ -92,6 +123,7 @@ class Weights:
             block = gqa_size
             start = (rank // (world // groups)) * gqa_size
         tensor = handle.get_tensor(real_name).narrow(dim, start, block).contiguous()
+        self._count_loaded(tensor_name)
         return self._correct_dtype(tensor)
 
     def get_sharded(self, tensor_name: str, dim: int, gqa_size: int = 1) -> torch.Tensor:
@@ -118,3 +150,6 @@ class Weights:
 
     def release_file_handler(self) -> None:
         self._handles.clear()
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None

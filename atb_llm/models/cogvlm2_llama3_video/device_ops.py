@@ -4,10 +4,12 @@
 imported only when tensors are on an NPU, so ``torch_npu`` is never needed elsewhere.
 """
 import os
+import time
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -15,8 +17,192 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+# ----------------------------------------------------------------------------------------------
+# Linear layers
+# ----------------------------------------------------------------------------------------------
+# Forces the CPU linear kernel: "plain" (F.linear on the checkpoint's weight), "packed" (oneDNN-prepacked in the
+# compute dtype, or in fp32 where oneDNN cannot pack that dtype on this CPU), or "auto" (default: the faster of
+# those, measured once per weight shape).
+LINEAR_ENV = "COGVLM2_LINEAR"
+# Quantization schemes ``make_linear`` takes (the portable runner's ``--quantize``).
+LINEAR_QUANTIZATIONS = ("w8a16",)
+
+
+class DenseLinear(nn.Module):
+    """``y = x W^T`` with ``F.linear`` on the weight as loaded (CUDA, and CPU where nothing is faster)."""
+
+    kind = "plain"
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class PackedLinear(nn.Module):
+    """``y = x W^T`` over a oneDNN-prepacked copy of ``W`` (blocked for the CPU's GEMM kernels, so no per-call
+    reordering): the original tensor is not kept. ``pack_dtype`` is the weight's dtype when oneDNN can pack it,
+    else fp32 (bf16 weights on a CPU without AVX512-BF16 / AVX-NE-CONVERT: inputs are cast up and outputs back)."""
+
+    kind = "packed"
+
+    def __init__(self, weight: torch.Tensor, pack_dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        self.pack_dtype = pack_dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(pack_dtype).contiguous(), None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (a new tensor, in the dtype it was given in): for inspection, not for compute."""
+        return self.packed.to_dense().to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.pack_dtype).contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
+        return out.to(self.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(nn.Module):
+    """w8a16: int8 weights with one fp scale per output channel (symmetric, round to nearest), multiplied by
+    torch's int8 weight-pack kernel (``aten._weight_int8pack_mm``) with bf16 activations; outputs in the model's
+    dtype. The float weight is not kept."""
+
+    kind = "w8a16"
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        self.act_dtype = torch.bfloat16 if weight.device.type == "cpu" else weight.dtype
+        w32 = weight.float()
+        # The kernel takes the scales in the activations' dtype: round them first and quantize against the
+        # rounded scales, so every weight stays within half a (rounded) step of its original.
+        self.scales = (w32.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(self.act_dtype)
+        steps = self.scales.float()[:, None]
+        self.qweight = torch.round(w32 / steps).clamp_(-127, 127).to(torch.int8).contiguous()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (a new tensor): for inspection, not for compute."""
+        return (self.qweight.float() * self.scales.float()[:, None]).to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.act_dtype).contiguous()
+        out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
+        return out.to(self.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def onednn_pack_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype oneDNN can prepack a ``dtype`` weight in on this CPU: itself when supported, fp32 for bf16 / fp16
+    where the CPU lacks the instructions (detected, never assumed), None when oneDNN is absent."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    if dtype == torch.float32:
+        return torch.float32
+    if dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    if dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return torch.float16
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _time_linears(modules: Sequence[nn.Module], in_features: int, dtype: torch.dtype, rows: Sequence[int],
+                  rounds: int = 5) -> list[float]:
+    """Best-of-``rounds`` seconds of each module over decode-sized inputs (one call per row count, summed), the
+    modules interleaved in every round so that a noisy neighbour slows them alike."""
+    inputs = [torch.randn(n, in_features).to(dtype) for n in rows]
+    best = [float("inf")] * len(modules)
+    with torch.inference_mode():
+        for module in modules:
+            for x in inputs:
+                module(x)  # warm-up: first calls pay for oneDNN primitive creation
+        for _ in range(rounds):
+            for i, module in enumerate(modules):
+                start = time.perf_counter()
+                for x in inputs:
+                    module(x)
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+_CPU_LINEAR_CHOICE: dict[tuple, str] = {}
+# Output rows of the proxy weight a choice is measured on (time scales with them; a 128k-row lm_head is not timed
+# whole) and the decode batch sizes it is measured at.
+_PROBE_MAX_ROWS = 4096
+_PROBE_BATCHES = (1, 16)
+
+
+def cpu_linear_kind(out_features: int, in_features: int, dtype: torch.dtype) -> str:
+    """"plain" or "packed" for a CPU weight of this shape and dtype: ``COGVLM2_LINEAR`` when set, else measured once
+    per (shape, dtype, threads) on a random weight of the same width."""
+    forced = os.environ.get(LINEAR_ENV, "").strip().lower() or "auto"
+    if forced not in ("auto", "plain", "packed"):
+        raise ValueError(f"{LINEAR_ENV} must be 'auto', 'plain' or 'packed', got {forced!r}")
+    pack_dtype = onednn_pack_dtype(dtype)
+    if pack_dtype is None or forced == "plain":
+        return "plain"
+    if forced == "packed":
+        return "packed"
+    key = (out_features, in_features, dtype, torch.get_num_threads())
+    if key not in _CPU_LINEAR_CHOICE:
+        probe = torch.randn(min(out_features, _PROBE_MAX_ROWS), in_features).to(dtype)
+        plain, packed = _time_linears([DenseLinear(probe), PackedLinear(probe, pack_dtype)], in_features, dtype,
+                                      _PROBE_BATCHES)
+        _CPU_LINEAR_CHOICE[key] = "packed" if packed < plain else "plain"
+    return _CPU_LINEAR_CHOICE[key]
+
+
+def make_linear(ops, weight: torch.Tensor, quantize: str | None = None) -> nn.Module:
+    """The linear module the device backend ``ops`` offers for ``weight`` (``[out, in]``, no bias); a backend
+    without ``make_linear`` (Ascend) gets plain ``F.linear``. The model calls this and never branches on devices."""
+    factory = getattr(ops, "make_linear", None)
+    if factory is not None:
+        return factory(weight, quantize)
+    if quantize is not None:
+        raise ValueError(f"quantize={quantize!r} is not supported by the {getattr(ops, '__name__', ops)} backend")
+    return DenseLinear(weight)
+
+
+def _block_runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
+    """``(first block, count)`` for each run of consecutive block ids, in order."""
+    runs: list[tuple[int, int]] = []
+    for block in blocks:
+        if runs and block == runs[-1][0] + runs[-1][1]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((block, 1))
+    return runs
+
+
+def _native_low_precision_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bf16 / fp16) natively (AVX512-BF16, AMX, AVX-NE-CONVERT)."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
 class PortableOps:
     """Reference semantics every backend must match."""
+
+    @staticmethod
+    def make_linear(weight: torch.Tensor, quantize: str | None = None) -> nn.Module:
+        """A module computing ``x W^T``: on CPU the oneDNN-prepacked weight where measured faster than
+        ``F.linear`` (``cpu_linear_kind``), or int8 weights for ``quantize="w8a16"``; elsewhere ``F.linear``."""
+        if quantize is not None:
+            if quantize not in LINEAR_QUANTIZATIONS:
+                raise ValueError(f"quantize={quantize!r}: the portable backend supports {LINEAR_QUANTIZATIONS}")
+            if weight.device.type != "cpu":
+                raise ValueError(f"quantize={quantize!r} is implemented for CPU only, not {weight.device.type}")
+            return Int8Linear(weight)
+        if weight.device.type == "cpu" and cpu_linear_kind(*weight.shape, weight.dtype) == "packed":
+            return PackedLinear(weight, onednn_pack_dtype(weight.dtype))
+        return DenseLinear(weight)
 
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,11 +284,81 @@ class PortableOps:
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
         """One query token per sequence ``q [B, heads, head_dim]`` over its cached context.
 
-        Written as two batched matmuls with the query heads grouped per KV head: with a one-token query,
-        SDPA on CPU takes a slow masked path (measured ~10x slower than this at batch 8).
-        Slots past a sequence's context were never written (the cache is ``torch.empty``, as MindIE's): their
-        scores are masked and their values zeroed, since a masked probability of 0 times NaN is still NaN.
-        """
+        On CPU, K/V are read in place (``paged_decode_attention_in_place``); elsewhere through a gather of the
+        sequences' blocks (``paged_decode_attention_gathered``), whose one batched matmul suits a GPU better than a
+        loop over sequences."""
+        if q.device.type == "cpu":
+            return PortableOps.paged_decode_attention_in_place(q, k_cache, v_cache, block_tables, context_lens,
+                                                               scale)
+        return PortableOps.paged_decode_attention_gathered(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+    @staticmethod
+    def paged_decode_attention_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                        block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                        scale: float) -> torch.Tensor:
+        """Decode attention reading K/V where they lie in the paged cache, with no copy of the blocks.
+
+        Per sequence, its block list is split into runs of consecutive block ids (a sequence's blocks are usually
+        one run); a run is a strided view ``[tokens, kv_heads, head_dim]`` of the cache, cut at the context length,
+        so an unwritten slot (the cache is ``torch.empty``, as MindIE's: NaN, anything) is never read, not even
+        masked. Scores and the weighted sum are batched matmuls over the KV heads with the query heads grouped per
+        KV head, over those views. In bf16 on a CPU without native bf16 matmuls, each run is cast to fp32 first
+        (its own small copy: bf16 batched matmuls are ~10x slower there). The loop's ops are small, so they run on
+        one thread: with a busy core, each multi-threaded small op waited a scheduler slice for its second thread
+        (measured 3.7 ms per tiny matmul on a loaded 2-core machine, against microseconds on one thread)."""
+        batch, heads, head_dim = q.shape
+        kv_heads = k_cache.shape[2]
+        compute = q.dtype
+        if compute != torch.float32 and not _native_low_precision_matmul(compute):
+            compute = torch.float32
+        grouped = (q.to(compute) * scale).view(batch, kv_heads, heads // kv_heads, head_dim)
+        out = torch.empty(batch, kv_heads, heads // kv_heads, head_dim, dtype=compute, device=q.device)
+        tables = block_tables.tolist()
+        threads = torch.get_num_threads()
+        if threads > 1:
+            torch.set_num_threads(1)
+        try:
+            PortableOps._in_place_rows(grouped, k_cache, v_cache, tables, context_lens.tolist(), out)
+        finally:
+            if threads > 1:
+                torch.set_num_threads(threads)
+        return out.view(batch, heads, head_dim).to(q.dtype)
+
+    @staticmethod
+    def _in_place_rows(grouped: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list,
+                       lengths: list, out: torch.Tensor) -> None:
+        """The per-sequence loop of ``paged_decode_attention_in_place``: ``out[b]`` for each sequence b."""
+        block_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+        compute = grouped.dtype
+        for b, length in enumerate(lengths):
+            keys, values = [], []
+            left = length
+            for first, count in _block_runs(tables[b][:-(-length // block_size)]):
+                tokens = min(count * block_size, left)
+                left -= tokens
+                keys.append(k_cache[first:first + count].view(-1, kv_heads, head_dim)[:tokens].to(compute))
+                values.append(v_cache[first:first + count].view(-1, kv_heads, head_dim)[:tokens].to(compute))
+            # [kv_heads, group, tokens]: one batched matmul per run over the KV heads.
+            scores = [torch.matmul(grouped[b], k.permute(1, 2, 0)) for k in keys]
+            probs = torch.softmax(scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1), dim=-1,
+                                  dtype=torch.float32).to(compute)
+            if len(values) == 1:
+                torch.matmul(probs, values[0].transpose(0, 1), out=out[b])
+                continue
+            start = 0
+            out[b].zero_()
+            for v in values:
+                out[b] += torch.matmul(probs[..., start:start + v.shape[0]], v.transpose(0, 1))
+                start += v.shape[0]
+
+    @staticmethod
+    def paged_decode_attention_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                        block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                        scale: float) -> torch.Tensor:
+        """Decode attention over a gather of each sequence's blocks, as two batched matmuls with the query heads
+        grouped per KV head (with a one-token query, SDPA takes a slow masked path). Slots past a sequence's
+        context were never written: their scores are masked and their values zeroed, since a masked probability
+        of 0 times NaN is still NaN."""
         batch, heads, head_dim = q.shape
         max_blocks = block_tables.shape[1]
         block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]

@@ -79,8 +79,11 @@ class FlashCogvlm2_llama3_videoForCausalLM(FlashForCausalLM):
         self.vocab_size = config.vocab_size
         self.ops = get_device_ops(weights.device)
         self.vision = VisionTower(config.vision_config, weights)
-        self.model = LanguageModel(config, weights, self.ops)
-        self.lm_head = VocabParallelHead(weights)
+        # The portable host's weight-only quantization of the LM linears ("w8a16"), from its own checkpoint; MindIE
+        # passes none (its config.quantize, for pre-quantized checkpoints, is refused by check_checkpoint).
+        self.linear_quantize = kwargs.get("linear_quantize")
+        self.model = LanguageModel(config, weights, self.ops, quantize=self.linear_quantize)
+        self.lm_head = VocabParallelHead(weights, ops=self.ops)
 
     # -- vision ------------------------------------------------------------------------------
     def checked_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atb_llm.models.cogvlm2_llama3_video.device_ops import make_linear
 from atb_llm.models.cogvlm2_llama3_video.parallel_cogvlm2_llama3_video import (
     all_gather_last_dim,
     all_reduce,
@@ -58,26 +59,35 @@ class Linear(nn.Module):
 
 
 class ColumnParallelLinear(nn.Module):
-    """Output features split over ranks; each rank keeps its slice of the output."""
+    """Output features split over ranks; each rank keeps its slice of the output. The matmul is the device
+    backend's (``make_linear``: a prepacked or quantized weight on CPU, ``F.linear`` elsewhere)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, ops=None, quantize: str | None = None):
         super().__init__()
-        self.weight = _parameter(weight)
+        self.linear = make_linear(ops, weight, quantize)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return self.linear(x)
 
 
 class RowParallelLinear(nn.Module):
     """Input features split over ranks; partial products are summed with an all-reduce."""
 
-    def __init__(self, weight: torch.Tensor, process_group):
+    def __init__(self, weight: torch.Tensor, process_group, ops=None, quantize: str | None = None):
         super().__init__()
-        self.weight = _parameter(weight)
+        self.linear = make_linear(ops, weight, quantize)
         self.process_group = process_group
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(F.linear(x, self.weight), self.process_group)
+        return all_reduce(self.linear(x), self.process_group)
 
 
 def _layer_norm(weights, prefix: str, eps: float) -> nn.LayerNorm:
@@ -242,7 +252,7 @@ class RotaryEmbedding(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, weights, prefix: str, ops):
+    def __init__(self, config, weights, prefix: str, ops, quantize: str | None = None):
         super().__init__()
         world = weights.process_group.size()
         self.head_dim = config.hidden_size // config.num_attention_heads
@@ -253,10 +263,10 @@ class LlamaAttention(nn.Module):
         self.ops = ops
         self.query_key_value = ColumnParallelLinear(packed_qkv_shard(
             weights, f"{prefix}.language_expert_query_key_value.weight", config.num_attention_heads, kv_heads,
-            self.head_dim))
+            self.head_dim), ops, quantize)
         self.dense = RowParallelLinear(
             weights.get_multi_weights_row(f"{prefix}.language_expert_dense", quantize=config.quantize),
-            _tp_group(weights))
+            _tp_group(weights), ops, quantize)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -280,13 +290,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, weights, prefix: str):
+    def __init__(self, config, weights, prefix: str, ops=None, quantize: str | None = None):
         super().__init__()
         # gate and up in one matmul: each rank's rows are [its gate shard; its up shard].
         self.gate_up_proj = ColumnParallelLinear(weights.get_multi_weights_col(
-            [f"{prefix}.gate_proj", f"{prefix}.up_proj"], quantize=config.quantize, dim=0))
+            [f"{prefix}.gate_proj", f"{prefix}.up_proj"], quantize=config.quantize, dim=0), ops, quantize)
         self.down_proj = RowParallelLinear(
-            weights.get_multi_weights_row(f"{prefix}.down_proj", quantize=config.quantize), _tp_group(weights))
+            weights.get_multi_weights_row(f"{prefix}.down_proj", quantize=config.quantize), _tp_group(weights),
+            ops, quantize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -296,13 +307,13 @@ class LlamaMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Every token, text or vision, goes through the language-expert weights."""
 
-    def __init__(self, config, weights, prefix: str, ops):
+    def __init__(self, config, weights, prefix: str, ops, quantize: str | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(weights, f"{prefix}.input_layernorm", config.rms_norm_eps, ops)
-        self.self_attn = LlamaAttention(config, weights, f"{prefix}.self_attn", ops)
+        self.self_attn = LlamaAttention(config, weights, f"{prefix}.self_attn", ops, quantize)
         self.post_attention_layernorm = RMSNorm(weights, f"{prefix}.post_attention_layernorm",
                                                 config.rms_norm_eps, ops)
-        self.mlp = LlamaMLP(config, weights, f"{prefix}.mlp.language_mlp")
+        self.mlp = LlamaMLP(config, weights, f"{prefix}.mlp.language_mlp", ops, quantize)
 
     def forward(self, h, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta)
@@ -310,11 +321,14 @@ class DecoderLayer(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, config, weights, ops, prefix: str = "model"):
+    """The decoder; ``quantize`` ("w8a16" or None) applies to its linears (the device backend's ``make_linear``)."""
+
+    def __init__(self, config, weights, ops, prefix: str = "model", quantize: str | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding.from_pretrained(weights.get_tensor(f"{prefix}.embed_tokens.weight"))
         self.layers = nn.ModuleList(
-            DecoderLayer(config, weights, f"{prefix}.layers.{i}", ops) for i in range(config.num_hidden_layers))
+            DecoderLayer(config, weights, f"{prefix}.layers.{i}", ops, quantize)
+            for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(weights, f"{prefix}.norm", config.rms_norm_eps, ops)
         self.rotary = RotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
 
@@ -328,13 +342,18 @@ class LanguageModel(nn.Module):
 class VocabParallelHead(nn.Module):
     """lm_head split over the vocabulary; every rank gathers the full logits."""
 
-    def __init__(self, weights, prefix: str = "lm_head"):
+    def __init__(self, weights, prefix: str = "lm_head", ops=None):
         super().__init__()
-        self.weight = _parameter(weights.get_sharded(f"{prefix}.weight", dim=0))
+        self.linear = make_linear(ops, weights.get_sharded(f"{prefix}.weight", dim=0))
         self.process_group = _tp_group(weights)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_gather_last_dim(F.linear(x, self.weight), self.process_group)
+        """Logits of the rows given: the caller passes only the rows that are sampled."""
+        return all_gather_last_dim(self.linear(x), self.process_group)
 
 
 def checkpoint_tensor_shapes(config) -> dict:

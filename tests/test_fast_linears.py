@@ -1,0 +1,183 @@
+"""The device backend's linears (``make_linear``): oneDNN-prepacked weights and w8a16 int8 weights against
+``F.linear`` on the same numbers, and the whole model's greedy tokens against the dense fp32 reference."""
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atb_llm.models.cogvlm2_llama3_video.ascend_ops import AscendOps
+from atb_llm.models.cogvlm2_llama3_video.device_ops import (
+    LINEAR_ENV,
+    DenseLinear,
+    Int8Linear,
+    PackedLinear,
+    PortableOps,
+    make_linear,
+    onednn_pack_dtype,
+)
+from atb_llm.runner.sampler import SamplingParams
+from tests.reference import DenseReference
+from tests.test_model_equivalence import check_against_reference, make_runner
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch")
+
+
+def accumulation_bound(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Two fp dot products of length K over the same numbers, summed in different orders, differ by at most
+    ``2 K eps sum_k |x_k w_k|`` (each is within ``K eps`` of the exact value, Higham's bound for recursive
+    summation; blocked sums are tighter). This is the tolerance of a reordered GEMM, per output element."""
+    k = x.shape[-1]
+    return 2 * k * eps * (x.abs().double() @ weight.abs().double().T) + 1e-30
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("shape", [(96, 64), (384, 256), (200, 72)])
+def test_packed_fp32_matches_f_linear(rows, shape):
+    generator = torch.Generator().manual_seed(rows * 1000 + shape[0])
+    weight = torch.randn(shape, generator=generator)
+    x = torch.randn(rows, shape[1], generator=generator)
+    linear = PackedLinear(weight, torch.float32)
+    out = linear(x)
+    exact = (x.double() @ weight.double().T)
+    assert out.shape == (rows, shape[0]) and out.dtype == torch.float32
+    # Both against the fp64 product, each within its own accumulation bound: a transposed or misordered packing
+    # (errors of order |x||w|) fails by orders of magnitude.
+    bound = accumulation_bound(x, weight, torch.finfo(torch.float32).eps) / 2
+    assert ((out.double() - exact).abs() <= bound).all()
+    assert ((F.linear(x, weight).double() - exact).abs() <= bound).all()
+    # The dense weight comes back exactly (packing is a layout change, not a rounding).
+    assert torch.equal(linear.weight, weight)
+
+
+@needs_onednn
+def test_packed_keeps_leading_dims_and_strided_input():
+    weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(2))[..., ::2]  # not contiguous
+    out = PackedLinear(weight, torch.float32)(x)
+    assert out.shape == (3, 4, 48)
+    exact = x.double() @ weight.double().T
+    assert ((out.double() - exact).abs() <= accumulation_bound(x, weight, torch.finfo(torch.float32).eps)).all()
+
+
+@needs_onednn
+def test_bf16_weights_pack_where_the_cpu_allows():
+    """bf16 weights: packed in bf16 where oneDNN supports it, else in fp32 (exact: bf16 -> fp32 is lossless), and
+    outputs in bf16 either way. On this CPU neither path may crash."""
+    pack_dtype = onednn_pack_dtype(torch.bfloat16)
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    assert pack_dtype == expected
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)).bfloat16()
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(4)).bfloat16()
+    out = PackedLinear(weight, pack_dtype)(x)
+    assert out.dtype == torch.bfloat16
+    exact = x.double() @ weight.double().T
+    # fp32 accumulation (bf16 accumulates in fp32 too), then one rounding to bf16 (relative 2^-8).
+    bound = accumulation_bound(x, weight, torch.finfo(torch.float32).eps) + exact.abs() * 2 ** -8
+    assert ((out.double() - exact).abs() <= bound).all()
+
+
+@needs_onednn
+def test_packing_frees_the_original_weight():
+    weight = torch.randn(256, 128)
+    ref = weakref.ref(weight)
+    linear = PackedLinear(weight, torch.float32)
+    del weight
+    gc.collect()
+    assert ref() is None, "the packed linear keeps the unpacked weight alive"
+    assert not any(t.numel() == 256 * 128 and not t.is_mkldnn for t in linear.parameters())
+
+
+def test_linear_choice_follows_the_backend(monkeypatch):
+    weight = torch.randn(32, 16)
+    monkeypatch.setenv(LINEAR_ENV, "plain")
+    assert type(PortableOps.make_linear(weight)) is DenseLinear
+    if torch.backends.mkldnn.is_available():
+        monkeypatch.setenv(LINEAR_ENV, "packed")
+        assert type(PortableOps.make_linear(weight)) is PackedLinear
+    monkeypatch.setenv(LINEAR_ENV, "auto")
+    assert type(PortableOps.make_linear(weight)) in (DenseLinear, PackedLinear)  # measured: either is right
+    monkeypatch.setenv(LINEAR_ENV, "fastest")
+    with pytest.raises(ValueError, match=LINEAR_ENV):
+        PortableOps.make_linear(weight)
+    # Off the CPU, F.linear; the Ascend backend (no make_linear) gets F.linear and refuses quantization.
+    assert type(PortableOps.make_linear(torch.empty(32, 16, device="meta"))) is DenseLinear
+    assert type(make_linear(AscendOps, weight)) is DenseLinear
+    with pytest.raises(ValueError, match="w8a16"):
+        make_linear(AscendOps, weight, "w8a16")
+    with pytest.raises(ValueError, match="w4a16"):
+        PortableOps.make_linear(weight, "w4a16")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_is_its_dequantized_weight(dtype):
+    """w8a16: per output channel, scale = max|w| / 127 and q = round(w / scale), so the dequantized weight is within
+    scale / 2 of the original; the kernel computes x (bf16) times that weight with fp32 accumulation."""
+    generator = torch.Generator().manual_seed(5)
+    weight = (torch.randn(80, 96, generator=generator) * torch.linspace(0.01, 3, 80)[:, None]).to(dtype)
+    linear = Int8Linear(weight)
+    assert linear.qweight.dtype == torch.int8 and linear.qweight.abs().max() <= 127
+    scales = weight.float().abs().amax(1) / 127
+    assert torch.allclose(linear.scales.float(), scales, rtol=2 ** -8)  # bf16 scales, the kernel's dtype
+    dequant = linear.qweight.float() * linear.scales.float()[:, None]
+    assert torch.equal(linear.weight, dequant.to(dtype))
+    assert ((dequant - weight.float()).abs() <= linear.scales.float()[:, None] / 2 * (1 + 1e-6)).all()
+    x = torch.randn(6, 96, generator=generator).to(dtype)
+    out = linear(x)
+    assert out.dtype == dtype and out.shape == (6, 80)
+    x_bf16 = x.bfloat16().double()
+    exact = x_bf16 @ (linear.qweight.double() * linear.scales.double()[:, None]).T
+    # fp32 accumulation, then bf16 output rounding inside the kernel (relative 2^-8).
+    bound = accumulation_bound(x_bf16, dequant, torch.finfo(torch.float32).eps) + exact.abs() * 2 ** -8 + 1e-6
+    assert ((out.double() - exact).abs() <= bound).all()
+
+
+@needs_onednn
+@pytest.mark.parity
+def test_packed_model_greedy_tokens_match_dense_reference(chat_model_dir, video_6_frames, monkeypatch):
+    """The whole model over prepacked linears (forced, whatever the measurement says), fp32, NaN-poisoned cache:
+    the dense reference's 32 greedy tokens and logits within 1e-4."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv(LINEAR_ENV, "packed")
+    runner = make_runner(chat_model_dir)
+    model = runner.model.model
+    linears = [model.lm_head.linear] + [m.linear for layer in model.model.layers
+                                        for m in (layer.self_attn.query_key_value, layer.self_attn.dense,
+                                                  layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    assert all(type(m) is PackedLinear for m in linears)
+    conversation = [{"role": "user", "content": [{"video": video_6_frames}, {"text": "Describe the video."}]}]
+    check_against_reference(runner, DenseReference(chat_model_dir), AutoTokenizer.from_pretrained(chat_model_dir),
+                            conversation, "Describe the video.", [])
+
+
+def test_w8a16_logits_error_is_bounded(chat_model_dir):
+    """--quantize w8a16 on the small chat model: the LM linears are int8, the vision tower and lm_head are not,
+    and the last prompt position's logits stay close to the unquantized fp32 model's. Bound: int8 rounding moves
+    each weight by at most 1/254 of its row's max, bf16 activations by 2^-9 relative; over 2 layers the measured
+    max error is ~1% of the logits' range (README), so 5% leaves noise room while a wrong scale or a transposed
+    weight (errors of the logits' own size) fails."""
+    from atb_llm.runner.engine import Request
+
+    prompt = list(range(1000, 1040))
+    logits = {}
+    for quantize in (None, "w8a16"):
+        runner = make_runner(chat_model_dir, quantize=quantize)
+        model = runner.model.model
+        layer = model.model.layers[0]
+        if quantize:
+            assert type(layer.mlp.down_proj.linear) is Int8Linear
+            assert type(model.lm_head.linear) is not Int8Linear
+            assert model.vision.layers[0].mlp.fc1.weight.dtype == torch.float32
+        engine = runner.make_engine()
+        rows = []
+        engine.on_logits = lambda ids, batch, rows=rows: rows.append(batch[0].clone())
+        engine.generate([Request(prompt_ids=prompt, sampling=SamplingParams(max_new_tokens=1, temperature=0.0,
+                                                                            ignore_eos=True))])
+        logits[quantize] = rows[0]
+    reference, quantized = logits[None], logits["w8a16"]
+    spread = (reference.max() - reference.min()).item()
+    error = (quantized - reference).abs().max().item()
+    assert 0 < error < 0.05 * spread
