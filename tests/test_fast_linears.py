@@ -111,6 +111,30 @@ def test_linear_choice_follows_the_backend(monkeypatch):
         PortableOps.make_linear(weight, "w4a16")
 
 
+@needs_onednn
+def test_linear_choice_is_measured_at_the_hosts_batch_sizes(monkeypatch):
+    """The measurement times both kernels at 1 row and at the host's batch size (decode_batch_hint)."""
+    import atb_llm.models.cogvlm2_llama3_video.device_ops as device_ops
+
+    seen = []
+
+    def record(modules, in_features, dtype, rows, rounds=5):
+        seen.append(tuple(rows))
+        return [2.0, 1.0]  # packed faster
+
+    monkeypatch.setattr(device_ops, "_time_linears", record)
+    monkeypatch.delenv(LINEAR_ENV, raising=False)
+    shape = (40, 24)  # a shape no other test measures
+    with device_ops.decode_batch_hint(8):
+        assert device_ops.cpu_linear_kind(*shape, torch.float32) == "packed"
+    with device_ops.decode_batch_hint(1):
+        device_ops.cpu_linear_kind(*shape, torch.float32)
+    device_ops.cpu_linear_kind(*shape, torch.float32)
+    with device_ops.decode_batch_hint(8):
+        device_ops.cpu_linear_kind(*shape, torch.float32)  # measured once per batch sizes: cached
+    assert seen == [(1, 8), (1,), (1, 16)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_is_its_dequantized_weight(dtype):
     """w8a16: per output channel, scale = max|w| / 127 and q = round(w / scale), so the dequantized weight is within

@@ -3,9 +3,11 @@
 ``PortableOps`` is plain PyTorch (CPU, CUDA). The Ascend implementation lives in ``ascend_ops`` and is
 imported only when tensors are on an NPU, so ``torch_npu`` is never needed elsewhere.
 """
+import contextlib
+import contextvars
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,14 +133,29 @@ def _time_linears(modules: Sequence[nn.Module], in_features: int, dtype: torch.d
 
 _CPU_LINEAR_CHOICE: dict[tuple, str] = {}
 # Output rows of the proxy weight a choice is measured on (time scales with them; a 128k-row lm_head is not timed
-# whole) and the decode batch sizes it is measured at.
+# whole) and the decode batch sizes it is measured at (1 and the host's batch size, see ``decode_batch_hint``).
 _PROBE_MAX_ROWS = 4096
-_PROBE_BATCHES = (1, 16)
+_PROBE_BATCHES: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar("probe_batches", default=(1, 16))
+
+
+@contextlib.contextmanager
+def decode_batch_hint(max_batch_size: int | None) -> Iterator[None]:
+    """Within the block, linear choices are measured at 1 and ``max_batch_size`` rows (the batch sizes the host will
+    decode at; at most 64); None keeps the default (1 and 16)."""
+    if not max_batch_size:
+        yield
+        return
+    batches = tuple(sorted({1, min(int(max_batch_size), 64)}))
+    token = _PROBE_BATCHES.set(batches)
+    try:
+        yield
+    finally:
+        _PROBE_BATCHES.reset(token)
 
 
 def cpu_linear_kind(out_features: int, in_features: int, dtype: torch.dtype) -> str:
     """"plain" or "packed" for a CPU weight of this shape and dtype: ``COGVLM2_LINEAR`` when set, else measured once
-    per (shape, dtype, threads) on a random weight of the same width."""
+    per (shape, dtype, threads, batch sizes) on a random weight of the same width."""
     forced = os.environ.get(LINEAR_ENV, "").strip().lower() or "auto"
     if forced not in ("auto", "plain", "packed"):
         raise ValueError(f"{LINEAR_ENV} must be 'auto', 'plain' or 'packed', got {forced!r}")
@@ -147,11 +164,12 @@ def cpu_linear_kind(out_features: int, in_features: int, dtype: torch.dtype) -> 
         return "plain"
     if forced == "packed":
         return "packed"
-    key = (out_features, in_features, dtype, torch.get_num_threads())
+    batches = _PROBE_BATCHES.get()
+    key = (out_features, in_features, dtype, torch.get_num_threads(), batches)
     if key not in _CPU_LINEAR_CHOICE:
         probe = torch.randn(min(out_features, _PROBE_MAX_ROWS), in_features).to(dtype)
         plain, packed = _time_linears([DenseLinear(probe), PackedLinear(probe, pack_dtype)], in_features, dtype,
-                                      _PROBE_BATCHES)
+                                      batches)
         _CPU_LINEAR_CHOICE[key] = "packed" if packed < plain else "plain"
     return _CPU_LINEAR_CHOICE[key]
 

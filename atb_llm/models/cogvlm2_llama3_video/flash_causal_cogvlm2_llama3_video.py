@@ -9,7 +9,7 @@ import torch
 
 from atb_llm.models.base.flash_causal_lm import FlashForCausalLM
 from atb_llm.models.cogvlm2_llama3_video.config_cogvlm2_llama3_video import VISION_TOKENS_PER_FRAME
-from atb_llm.models.cogvlm2_llama3_video.device_ops import get_device_ops
+from atb_llm.models.cogvlm2_llama3_video.device_ops import decode_batch_hint, get_device_ops
 from atb_llm.models.cogvlm2_llama3_video.modeling_cogvlm2_llama3_video import (
     AttentionMetadata,
     LanguageModel,
@@ -82,8 +82,10 @@ class FlashCogvlm2_llama3_videoForCausalLM(FlashForCausalLM):
         # The portable host's weight-only quantization of the LM linears ("w8a16"), from its own checkpoint; MindIE
         # passes none (its config.quantize, for pre-quantized checkpoints, is refused by check_checkpoint).
         self.linear_quantize = kwargs.get("linear_quantize")
-        self.model = LanguageModel(config, weights, self.ops, quantize=self.linear_quantize)
-        self.lm_head = VocabParallelHead(weights, ops=self.ops)
+        # Linear kernels are chosen for the batch sizes this host decodes at (MindIE and our runner pass it).
+        with decode_batch_hint(kwargs.get("max_batch_size")):
+            self.model = LanguageModel(config, weights, self.ops, quantize=self.linear_quantize)
+            self.lm_head = VocabParallelHead(weights, ops=self.ops)
 
     # -- vision ------------------------------------------------------------------------------
     def checked_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
