@@ -132,6 +132,8 @@ def test_linear_choice_is_measured_at_the_hosts_batch_sizes(monkeypatch):
     device_ops.cpu_linear_kind(*shape, torch.float32)
     with device_ops.decode_batch_hint(8):
         device_ops.cpu_linear_kind(*shape, torch.float32)  # measured once per batch sizes: cached
+    with device_ops.decode_batch_hint(-1):  # MindIE's ModelRunner default: unknown, so the default sizes
+        device_ops.cpu_linear_kind(*shape, torch.float32)
     assert seen == [(1, 8), (1,), (1, 16)]
 
 

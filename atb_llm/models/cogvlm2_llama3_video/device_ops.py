@@ -141,8 +141,9 @@ _PROBE_BATCHES: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar
 @contextlib.contextmanager
 def decode_batch_hint(max_batch_size: int | None) -> Iterator[None]:
     """Within the block, linear choices are measured at 1 and ``max_batch_size`` rows (the batch sizes the host will
-    decode at; at most 64); None keeps the default (1 and 16)."""
-    if not max_batch_size:
+    decode at; at most 64); None or a non-positive size (MindIE's ModelRunner passes -1 when it is not told) keeps
+    the default (1 and 16)."""
+    if not max_batch_size or max_batch_size < 1:
         yield
         return
     batches = tuple(sorted({1, min(int(max_batch_size), 64)}))
