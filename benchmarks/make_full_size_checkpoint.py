@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from atb_llm.demo.make_demo import GENERATION_CONFIG, REAL_FIELDS, tokenizer_dir
+from atb_llm.demo.make_demo import REAL_FIELDS, write_checkpoint_files
 from atb_llm.models.cogvlm2_llama3_video.config_cogvlm2_llama3_video import Cogvlm2_llama3_videoConfig
 from atb_llm.models.cogvlm2_llama3_video.modeling_cogvlm2_llama3_video import checkpoint_tensor_shapes
 
@@ -116,12 +116,7 @@ def write_checkpoint(path: str, dtype: torch.dtype = torch.bfloat16, shard_gb: f
     with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as file:
         json.dump({"metadata": {"total_size": total_params * element_size}, "weight_map": weight_map}, file,
                   indent=2)
-    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as file:
-        json.dump(fields, file, indent=2)
-    with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as file:
-        json.dump(GENERATION_CONFIG, file, indent=2)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(tokenizer_dir(), name), os.path.join(path, name))
+    write_checkpoint_files(path, fields)
     print(f"{total_params / 1e9:.2f} B parameters in {len(shards)} shards written to {path}")
     return path
 

@@ -84,13 +84,18 @@ def make_demo_checkpoint(path: str, seed: int = 0, shards: int = 2, template: st
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as file:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, file, indent=2)
+    write_checkpoint_files(path, fields)
+    return path
+
+
+def write_checkpoint_files(path: str, fields: dict) -> None:
+    """What a checkpoint holds besides its tensors: config.json, generation_config.json and the Llama-3 tokenizer."""
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as file:
         json.dump(fields, file, indent=2)
     with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as file:
         json.dump(GENERATION_CONFIG, file, indent=2)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(os.path.join(tokenizer_dir(), name), os.path.join(path, name))
-    return path
 
 
 def default_cache_dir() -> str:
