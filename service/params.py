@@ -265,6 +265,18 @@ def check_typical_p(body: dict, params: GenParams) -> None:
     params.typical_p = value
 
 
+def check_tgi_sampling(p: dict, params: GenParams) -> None:
+    """TGI's sampling fields in MindIE's check order; /infer takes the same ones."""
+    check_temperature(p, params, zero_ok=False)
+    check_top_k(p, params, "positive")
+    check_top_p(p, params, exclusive_one=True)
+    check_typical_p(p, params)
+    params.do_sample = get_bool(p, "do_sample")
+    check_seed(p, params)
+    check_repetition_penalty(p, params)
+    get_bool(p, "watermark")  # forwarded in MindIE; no visible effect
+
+
 def check_seed(body: dict, params: GenParams) -> None:
     value = body.get("seed")
     if value is None:

@@ -10,13 +10,8 @@ from service.params import (
     GenParams,
     check_max_tokens,
     check_priority,
-    check_repetition_penalty,
-    check_seed,
-    check_temperature,
+    check_tgi_sampling,
     check_timeout,
-    check_top_k,
-    check_top_p,
-    check_typical_p,
     get,
     get_bool,
 )
@@ -111,14 +106,7 @@ def parse_infer(body: dict) -> GenParams:
     """``parameters`` of /infer: the Triton names without batch_size, TGI ranges for top_k and top_p."""
     params = GenParams(default_max_tokens=20)
     p = get(body, "parameters", "object", "parameters must be object type.") or {}
-    check_temperature(p, params, zero_ok=False)
-    check_top_k(p, params, "positive")
-    check_top_p(p, params, exclusive_one=True)
-    check_typical_p(p, params)
-    params.do_sample = get_bool(p, "do_sample")
-    check_seed(p, params)
-    check_repetition_penalty(p, params)
-    get_bool(p, "watermark")
+    check_tgi_sampling(p, params)
     check_priority(p)
     check_max_tokens(p, params, "max_new_tokens")
     check_timeout(p, params)

@@ -12,13 +12,8 @@ from service.params import (
     INT32_MAX,
     GenParams,
     check_max_tokens,
-    check_repetition_penalty,
-    check_seed,
     check_stop,
-    check_temperature,
-    check_top_k,
-    check_top_p,
-    check_typical_p,
+    check_tgi_sampling,
     fmt,
     get,
     get_bool,
@@ -123,14 +118,7 @@ def parse_tgi(body: dict, stream: bool) -> GenParams:
     params = GenParams(default_max_tokens=20, stream=stream)
     p = get(body, "parameters", "object", "parameters must be object type.") or {}
     check_stop(p, params, tgi=True)
-    check_temperature(p, params, zero_ok=False)
-    check_top_k(p, params, "positive")
-    check_top_p(p, params, exclusive_one=True)
-    check_typical_p(p, params)
-    params.do_sample = get_bool(p, "do_sample")
-    check_seed(p, params)
-    check_repetition_penalty(p, params)
-    get_bool(p, "watermark")  # forwarded in MindIE; no visible effect
+    check_tgi_sampling(p, params)
     adapter_id = p.get("adapter_id")
     if adapter_id is not None and (not isinstance(adapter_id, str) or not _ADAPTER_ID.match(adapter_id)):
         raise invalid("The format of adapter_id is invalid.")
