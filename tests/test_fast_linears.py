@@ -14,6 +14,7 @@ from atb_llm.models.cogvlm2_llama3_video.device_ops import (
     Int8Linear,
     PackedLinear,
     PortableOps,
+    UpcastLinear,
     make_linear,
     onednn_pack_dtype,
 )
@@ -109,6 +110,32 @@ def test_linear_choice_follows_the_backend(monkeypatch):
         make_linear(AscendOps, weight, "w8a16")
     with pytest.raises(ValueError, match="w4a16"):
         PortableOps.make_linear(weight, "w4a16")
+
+
+def test_many_row_linears_compute_bf16_in_fp32_where_the_cpu_lacks_bf16(monkeypatch):
+    """The vision tower's linears (many rows, with bias): bf16 weights kept as given (no copy) and multiplied in
+    fp32 on a CPU without native bf16; F.linear where the CPU has it, for fp32 weights, and off the CPU."""
+    from atb_llm.models.cogvlm2_llama3_video import device_ops
+
+    weight, bias = torch.randn(48, 40).to(torch.bfloat16), torch.randn(48).to(torch.bfloat16)
+    monkeypatch.setattr(device_ops, "_native_low_precision_matmul", lambda dtype: dtype == torch.float32)
+    linear = PortableOps.make_linear(weight, bias=bias, many_rows=True)
+    assert type(linear) is UpcastLinear
+    assert linear.weight.dtype == torch.bfloat16 and linear.weight.data_ptr() == weight.data_ptr()
+    x = torch.randn(3, 70, 40).to(torch.bfloat16)
+    out = linear(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 70, 48)
+    # Against float64 over the same bf16 numbers: only the fp32 accumulation and the output's rounding differ.
+    exact = x.double() @ weight.double().T + bias.double()
+    assert torch.allclose(out.double(), exact, rtol=2 ** -7, atol=accumulation_bound(x, weight, 2 ** -23).max())
+    monkeypatch.setattr(device_ops, "_native_low_precision_matmul", lambda dtype: True)
+    assert type(PortableOps.make_linear(weight, bias=bias, many_rows=True)) is DenseLinear
+    assert type(PortableOps.make_linear(weight.float(), bias=bias.float(), many_rows=True)) is DenseLinear
+    assert type(make_linear(AscendOps, weight, bias=bias, many_rows=True)) is DenseLinear
+    with pytest.raises(ValueError, match="quantize"):
+        PortableOps.make_linear(weight, "w8a16", many_rows=True)
+    with pytest.raises(ValueError, match="bias"):
+        PortableOps.make_linear(weight, bias=bias)
 
 
 @needs_onednn

@@ -6,8 +6,10 @@ imported only when tensors are on an NPU, so ``torch_npu`` is never needed elsew
 import contextlib
 import contextvars
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +33,30 @@ LINEAR_QUANTIZATIONS = ("w8a16",)
 
 
 class DenseLinear(nn.Module):
-    """``y = x W^T`` with ``F.linear`` on the weight as loaded (CUDA, and CPU where nothing is faster)."""
+    """``y = x W^T (+ b)`` with ``F.linear`` on the weight as loaded (CUDA, and CPU where nothing is faster)."""
 
     kind = "plain"
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+
+class UpcastLinear(DenseLinear):
+    """``y = x W^T (+ b)`` for bf16 / fp16 weights on a CPU without native matmuls in that dtype: the weight stays
+    stored as loaded (memory-mapped from the checkpoint, no second copy) and each call multiplies in fp32 over a
+    transient upcast of it. For layers fed many rows at once (the vision tower: 66-257 rows per frame), where the
+    upcast costs ~1/rows of the matmul and PyTorch's emulated bf16 GEMM runs ~8x slower than fp32 on AVX2."""
+
+    kind = "upcast"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
 
 
 class PackedLinear(nn.Module):
@@ -175,15 +191,18 @@ def cpu_linear_kind(out_features: int, in_features: int, dtype: torch.dtype) -> 
     return _CPU_LINEAR_CHOICE[key]
 
 
-def make_linear(ops, weight: torch.Tensor, quantize: str | None = None) -> nn.Module:
-    """The linear module the device backend ``ops`` offers for ``weight`` (``[out, in]``, no bias); a backend
-    without ``make_linear`` (Ascend) gets plain ``F.linear``. The model calls this and never branches on devices."""
+def make_linear(ops, weight: torch.Tensor, quantize: str | None = None, bias: torch.Tensor | None = None,
+                many_rows: bool = False) -> nn.Module:
+    """The linear module the device backend ``ops`` offers for ``weight`` (``[out, in]``) and ``bias``; a backend
+    without ``make_linear`` (Ascend) gets plain ``F.linear``. ``many_rows``: the layer is fed many rows per call
+    (the vision tower), so its kernel is chosen for throughput rather than for decode-sized inputs. The model calls
+    this and never branches on devices."""
     factory = getattr(ops, "make_linear", None)
     if factory is not None:
-        return factory(weight, quantize)
+        return factory(weight, quantize, bias=bias, many_rows=many_rows)
     if quantize is not None:
         raise ValueError(f"quantize={quantize!r} is not supported by the {getattr(ops, '__name__', ops)} backend")
-    return DenseLinear(weight)
+    return DenseLinear(weight, bias)
 
 
 def _block_runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
@@ -206,13 +225,37 @@ def _native_low_precision_matmul(dtype: torch.dtype) -> bool:
     return True
 
 
+_ATTENTION_POOL: ThreadPoolExecutor | None = None
+_ATTENTION_POOL_LOCK = threading.Lock()
+
+
+def _attention_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's helper threads for CPU decode attention (created once, grown when more threads are asked)."""
+    global _ATTENTION_POOL
+    with _ATTENTION_POOL_LOCK:
+        if _ATTENTION_POOL is None or _ATTENTION_POOL._max_workers < workers:
+            _ATTENTION_POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode-attention")
+        return _ATTENTION_POOL
+
+
 class PortableOps:
     """Reference semantics every backend must match."""
 
     @staticmethod
-    def make_linear(weight: torch.Tensor, quantize: str | None = None) -> nn.Module:
-        """A module computing ``x W^T``: on CPU the oneDNN-prepacked weight where measured faster than
-        ``F.linear`` (``cpu_linear_kind``), or int8 weights for ``quantize="w8a16"``; elsewhere ``F.linear``."""
+    def make_linear(weight: torch.Tensor, quantize: str | None = None, bias: torch.Tensor | None = None,
+                    many_rows: bool = False) -> nn.Module:
+        """A module computing ``x W^T (+ b)``. Decode-fed layers (the LM, no bias): on CPU the oneDNN-prepacked
+        weight where measured faster than ``F.linear`` (``cpu_linear_kind``), or int8 weights for
+        ``quantize="w8a16"``. Layers fed many rows (``many_rows``): fp32 compute over the stored bf16 / fp16 weight
+        on a CPU without native matmuls in that dtype (``UpcastLinear``). Elsewhere ``F.linear``."""
+        if many_rows:
+            if quantize is not None:
+                raise ValueError("quantize applies to the language model's linears, not to many-row layers")
+            if weight.device.type == "cpu" and not _native_low_precision_matmul(weight.dtype):
+                return UpcastLinear(weight, bias)
+            return DenseLinear(weight, bias)
+        if bias is not None:
+            raise ValueError("the portable backend's decode-fed linears take no bias")
         if quantize is not None:
             if quantize not in LINEAR_QUANTIZATIONS:
                 raise ValueError(f"quantize={quantize!r}: the portable backend supports {LINEAR_QUANTIZATIONS}")
@@ -332,12 +375,28 @@ class PortableOps:
             compute = torch.float32
         grouped = (q.to(compute) * scale).view(batch, kv_heads, heads // kv_heads, head_dim)
         out = torch.empty(batch, kv_heads, heads // kv_heads, head_dim, dtype=compute, device=q.device)
-        tables = block_tables.tolist()
+        tables, lengths = block_tables.tolist(), context_lens.tolist()
         threads = torch.get_num_threads()
         if threads > 1:
             torch.set_num_threads(1)
         try:
-            PortableOps._in_place_rows(grouped, k_cache, v_cache, tables, context_lens.tolist(), out)
+            # Sequences are split over up to ``threads`` Python threads (torch releases the GIL inside its ops):
+            # the loop reads every sequence's K/V once, so one thread caps it at one core's memory bandwidth.
+            parts = min(threads, batch)
+            if parts > 1:
+                pool = _attention_pool(parts - 1)
+                inference = torch.is_inference_mode_enabled()  # thread-local: the helpers take the caller's
+
+                def rows_in_helper(rows: range) -> None:
+                    with torch.inference_mode(inference), torch.no_grad():
+                        PortableOps._in_place_rows(grouped, k_cache, v_cache, tables, lengths, out, rows)
+
+                futures = [pool.submit(rows_in_helper, range(part, batch, parts)) for part in range(1, parts)]
+                PortableOps._in_place_rows(grouped, k_cache, v_cache, tables, lengths, out, range(0, batch, parts))
+                for future in futures:
+                    future.result()
+            else:
+                PortableOps._in_place_rows(grouped, k_cache, v_cache, tables, lengths, out, range(batch))
         finally:
             if threads > 1:
                 torch.set_num_threads(threads)
@@ -345,11 +404,13 @@ class PortableOps:
 
     @staticmethod
     def _in_place_rows(grouped: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list,
-                       lengths: list, out: torch.Tensor) -> None:
-        """The per-sequence loop of ``paged_decode_attention_in_place``: ``out[b]`` for each sequence b."""
+                       lengths: list, out: torch.Tensor, rows: Sequence[int]) -> None:
+        """The per-sequence loop of ``paged_decode_attention_in_place``: ``out[b]`` for each sequence b in
+        ``rows``."""
         block_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
         compute = grouped.dtype
-        for b, length in enumerate(lengths):
+        for b in rows:
+            length = lengths[b]
             keys, values = [], []
             left = length
             for first, count in _block_runs(tables[b][:-(-length // block_size)]):

@@ -78,7 +78,7 @@ class FlashCogvlm2_llama3_videoForCausalLM(FlashForCausalLM):
         self.pad_token_id = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.ops = get_device_ops(weights.device)
-        self.vision = VisionTower(config.vision_config, weights)
+        self.vision = VisionTower(config.vision_config, weights, ops=self.ops)
         # The portable host's weight-only quantization of the LM linears ("w8a16"), from its own checkpoint; MindIE
         # passes none (its config.quantize, for pre-quantized checkpoints, is refused by check_checkpoint).
         self.linear_quantize = kwargs.get("linear_quantize")

@@ -47,15 +47,24 @@ def packed_qkv_shard(weights, name: str, num_heads: int, num_kv_heads: int, head
 
 
 class Linear(nn.Module):
-    """A replicated linear layer ``y = x W^T + b``."""
+    """A replicated linear layer ``y = x W^T + b`` of the vision tower (fed many rows per call: its kernel is the
+    device backend's choice for throughput, ``make_linear(many_rows=True)``)."""
 
-    def __init__(self, weights, prefix: str, bias: bool = False):
+    def __init__(self, weights, prefix: str, bias: bool = False, ops=None):
         super().__init__()
-        self.weight = _parameter(weights.get_tensor(f"{prefix}.weight"))
-        self.bias = _parameter(weights.get_tensor(f"{prefix}.bias")) if bias else None
+        self.linear = make_linear(ops, weights.get_tensor(f"{prefix}.weight"),
+                                  bias=weights.get_tensor(f"{prefix}.bias") if bias else None, many_rows=True)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -111,11 +120,11 @@ def _conv(weights, prefix: str, stride: int) -> nn.Conv2d:
 # Vision tower
 # ----------------------------------------------------------------------------------------------
 class VisionAttention(nn.Module):
-    def __init__(self, weights, prefix: str, num_heads: int):
+    def __init__(self, weights, prefix: str, num_heads: int, ops=None):
         super().__init__()
         self.num_heads = num_heads
-        self.query_key_value = Linear(weights, f"{prefix}.query_key_value", bias=True)
-        self.dense = Linear(weights, f"{prefix}.dense", bias=True)
+        self.query_key_value = Linear(weights, f"{prefix}.query_key_value", bias=True, ops=ops)
+        self.dense = Linear(weights, f"{prefix}.dense", bias=True, ops=ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frames, length, width = x.shape
@@ -126,10 +135,10 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    def __init__(self, weights, prefix: str):
+    def __init__(self, weights, prefix: str, ops=None):
         super().__init__()
-        self.fc1 = Linear(weights, f"{prefix}.fc1", bias=True)
-        self.fc2 = Linear(weights, f"{prefix}.fc2", bias=True)
+        self.fc1 = Linear(weights, f"{prefix}.fc1", bias=True, ops=ops)
+        self.fc2 = Linear(weights, f"{prefix}.fc2", bias=True, ops=ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -138,10 +147,10 @@ class VisionMLP(nn.Module):
 class VisionBlock(nn.Module):
     """Post-norm ("sandwich") block: the LayerNorms act on the outputs of attention and MLP."""
 
-    def __init__(self, weights, prefix: str, num_heads: int, eps: float):
+    def __init__(self, weights, prefix: str, num_heads: int, eps: float, ops=None):
         super().__init__()
-        self.attention = VisionAttention(weights, f"{prefix}.attention", num_heads)
-        self.mlp = VisionMLP(weights, f"{prefix}.mlp")
+        self.attention = VisionAttention(weights, f"{prefix}.attention", num_heads, ops)
+        self.mlp = VisionMLP(weights, f"{prefix}.mlp", ops)
         self.input_layernorm = _layer_norm(weights, f"{prefix}.input_layernorm", eps)
         self.post_attention_layernorm = _layer_norm(weights, f"{prefix}.post_attention_layernorm", eps)
 
@@ -153,13 +162,13 @@ class VisionBlock(nn.Module):
 class VisionAdapter(nn.Module):
     """GLU projection from the vision width to the LM width."""
 
-    def __init__(self, weights, prefix: str):
+    def __init__(self, weights, prefix: str, ops=None):
         super().__init__()
-        self.linear_proj = Linear(weights, f"{prefix}.linear_proj")
+        self.linear_proj = Linear(weights, f"{prefix}.linear_proj", ops=ops)
         self.norm1 = _layer_norm(weights, f"{prefix}.norm1", eps=1e-5)
-        self.gate_proj = Linear(weights, f"{prefix}.gate_proj")
-        self.dense_h_to_4h = Linear(weights, f"{prefix}.dense_h_to_4h")
-        self.dense_4h_to_h = Linear(weights, f"{prefix}.dense_4h_to_h")
+        self.gate_proj = Linear(weights, f"{prefix}.gate_proj", ops=ops)
+        self.dense_h_to_4h = Linear(weights, f"{prefix}.dense_h_to_4h", ops=ops)
+        self.dense_4h_to_h = Linear(weights, f"{prefix}.dense_4h_to_h", ops=ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.norm1(self.linear_proj(x)))
@@ -169,7 +178,7 @@ class VisionAdapter(nn.Module):
 class VisionTower(nn.Module):
     """Frames ``[T, 3, S, S]`` -> features ``[T, 66, H]`` (boi, 64 patches, eoi per frame)."""
 
-    def __init__(self, vision_config, weights, prefix: str = "model.vision"):
+    def __init__(self, vision_config, weights, prefix: str = "model.vision", ops=None):
         super().__init__()
         self.patch_embedding = _conv(weights, f"{prefix}.patch_embedding.proj", stride=vision_config.patch_size)
         self.cls_embedding = _parameter(weights.get_tensor(f"{prefix}.patch_embedding.cls_embedding"))
@@ -177,10 +186,10 @@ class VisionTower(nn.Module):
             weights.get_tensor(f"{prefix}.patch_embedding.position_embedding.weight"))
         self.layers = nn.ModuleList(
             VisionBlock(weights, f"{prefix}.transformer.layers.{j}", vision_config.num_heads,
-                        vision_config.layer_norm_eps)
+                        vision_config.layer_norm_eps, ops)
             for j in range(vision_config.num_hidden_layers))
         self.conv = _conv(weights, f"{prefix}.conv", stride=2)
-        self.linear_proj = VisionAdapter(weights, f"{prefix}.linear_proj")
+        self.linear_proj = VisionAdapter(weights, f"{prefix}.linear_proj", ops)
         self.boi = _parameter(weights.get_tensor(f"{prefix}.boi"))
         self.eoi = _parameter(weights.get_tensor(f"{prefix}.eoi"))
 
