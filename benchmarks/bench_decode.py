@@ -12,7 +12,9 @@ interleaved runs:
 - transformers (sdpa);
 - vLLM with vllm_cogvlm2 (only when ``vllm`` imports, i.e. run in ``.venv-vllm``; ``--no-vllm`` skips it).
 
-Prints ms per decode step, tokens/s and the ratios (ours / other; below 1 is faster), and writes a plot of
+Prints the streaming floor (the time to read a step's weight bytes once, measured as the best multi-threaded
+reduction over a buffer of that size), ms per decode step, tokens/s and the ratios (ours / other; below 1 is
+faster), and writes a plot of
 tokens/s against batch size (``--plot``, matplotlib from requirements/benchmark.txt). "same tokens" counts
 sequences whose greedy tokens agree with transformers'; in bf16, random weights give near-tied logits where
 rounding order decides the argmax, so use float32 (the default) to check equality.
@@ -109,6 +111,26 @@ def time_hf(model, prompts, steps: int):
     return clock.times[0] - start, (clock.times[-1] - clock.times[0]) / (steps - 1), out[:, ids.shape[1]:].tolist()
 
 
+def decode_weight_bytes(model: LlamaForCausalLM) -> int:
+    """Bytes of weights a decode step must read: every linear of the decoder and lm_head (the embedding is read a
+    row per token)."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name)
+
+
+def streaming_floor(nbytes: int, rounds: int = 5) -> tuple[float, float]:
+    """(seconds, GB/s) to read ``nbytes`` of memory once, the fastest way measured here: best of ``rounds`` of a
+    vectorised, multi-threaded reduction (``sum``; ``amax`` too) over a buffer of that size, larger than any
+    cache. A decode step cannot read its weights faster, whatever the kernel."""
+    buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+    best = float("inf")
+    with torch.inference_mode():
+        for reduce in (torch.sum, torch.amax) * rounds:
+            start = time.perf_counter()
+            reduce(buffer)
+            best = min(best, time.perf_counter() - start)
+    return best, nbytes / best / 1e9
+
+
 @contextlib.contextmanager
 def gathered_decode_attention():
     """Decode attention over gathered blocks (the path before in-place reads), for the "before" timing."""
@@ -196,6 +218,8 @@ def main() -> None:
         before = make_runner(model_dir, args, "plain") if args.before else None
         quantized = make_runner(model_dir, args, "auto", "w8a16") if args.w8a16 else None
         hf = hf_llama(runner, dtype)
+        weight_bytes = decode_weight_bytes(hf)
+        floor, bandwidth = streaming_floor(weight_bytes)
         for batch in args.batches:
             for _ in range(args.repeats):  # interleaved, best of n: the machine is shared and noisy
                 runs = {"ours": time_ours(runner, prompts[batch], args.steps)}
@@ -213,6 +237,9 @@ def main() -> None:
             results["vLLM"] = time_vllm(model_dir, args, prompts)
     print(f"torch threads {torch.get_num_threads()}, dtype {args.dtype}, prompt {args.prompt}, steps {args.steps}, "
           f"best of {args.repeats}")
+    print(f"streaming floor: {weight_bytes / 1e9:.2f} GB of {args.dtype} weights per step at {bandwidth:.1f} GB/s "
+          f"(best reduction over a buffer that size) = {floor * 1000:.1f} ms/step; ours at batch 1 "
+          f"{results['ours'][args.batches[0]][1] / floor:.2f}x the floor (batch {args.batches[0]})")
     others = [name for name in results if name != "ours"]
     header = f"{'batch':>5} " + " ".join(f"{name + ' ms/step':>20}" for name in results)
     header += " " + " ".join(f"{'ours/' + name:>18}" for name in others)

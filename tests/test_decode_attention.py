@@ -102,3 +102,24 @@ def test_prefix_prefill_decode_rows_use_the_same_attention():
     q, k_cache, v_cache, tables, lens, keys, values = paged_case(lengths, 8, 2, 4, 8, torch.float32, "shuffled", 5)
     out = PortableOps.prefix_prefill_attention(q, k_cache, v_cache, tables, [1, 1], lens, 1 / math.sqrt(8))
     assert (out.double() - dense_attention(q, keys, values, 1 / math.sqrt(8))).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["consecutive", "shuffled"])
+def test_prefix_prefill_chunks_read_their_context_in_place(layout):
+    """Chunks of several rows (a prompt's suffix after a cached prefix) beside a decode row: row j of a chunk of n
+    rows attends causally over the first ``length - n + j + 1`` tokens of its sequence, read from the NaN cache in
+    place (one run of blocks, or several when shuffled), against fp64 attention from the definition."""
+    lengths, q_lens = [40, 9, 23], [5, 1, 23]
+    heads, head_dim, scale = 4, 8, 1 / math.sqrt(8)
+    _, k_cache, v_cache, tables, lens, keys, values = paged_case(lengths, 8, 2, heads, head_dim, torch.float32,
+                                                                 layout, 7)
+    q = torch.randn(sum(q_lens), heads, head_dim, generator=torch.Generator().manual_seed(8))
+    out = PortableOps.prefix_prefill_attention(q, k_cache, v_cache, tables, q_lens, lens, scale)
+    assert not out.isnan().any()
+    row = 0
+    for b, (length, n) in enumerate(zip(lengths, q_lens)):
+        for j in range(n):
+            visible = length - n + j + 1
+            expected = dense_attention(q[row:row + 1], [keys[b][:visible]], [values[b][:visible]], scale)
+            assert (out[row].double() - expected[0]).abs().max().item() < 1e-5, (b, j)
+            row += 1

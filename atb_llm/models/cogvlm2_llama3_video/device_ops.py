@@ -216,6 +216,23 @@ def _block_runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def _context_runs(cache: torch.Tensor, table: Sequence[int], length: int) -> list[torch.Tensor]:
+    """A sequence's first ``length`` cached tokens as views of ``cache`` (``[blocks, block_size, kv_heads,
+    head_dim]``), one ``[tokens, kv_heads, head_dim]`` view per run of consecutive blocks in ``table``, cut at
+    ``length``: no copy, and no slot past the context is in any view."""
+    block_size, kv_heads, head_dim = cache.shape[1], cache.shape[2], cache.shape[3]
+    views, left = [], length
+    for first, count in _block_runs(table[:-(-length // block_size)]):
+        tokens = min(count * block_size, left)
+        left -= tokens
+        views.append(cache[first:first + count].view(-1, kv_heads, head_dim)[:tokens])
+    return views
+
+
+def _joined(views: list[torch.Tensor]) -> torch.Tensor:
+    return views[0] if len(views) == 1 else torch.cat(views)
+
+
 def _native_low_precision_matmul(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies ``dtype`` (bf16 / fp16) natively (AVX512-BF16, AMX, AVX-NE-CONVERT)."""
     if dtype == torch.bfloat16:
@@ -310,7 +327,8 @@ class PortableOps:
         ``block_tables[b]``; nothing past ``context_lens[b]`` is read.
 
         One-row sequences (decodes sharing the step) go through ``paged_decode_attention`` together; the
-        others gather their context and run SDPA with the causal offset as a mask."""
+        others run SDPA with the causal offset as a mask over their context read in place (``_context_runs``;
+        copied only where the context spans several runs of blocks)."""
         lengths = [int(n) for n in context_lens.tolist()]
         q_lens = [int(n) for n in q_lens]
         starts = [0]
@@ -324,14 +342,13 @@ class PortableOps:
             out[rows] = PortableOps.paged_decode_attention(
                 q.index_select(0, rows), k_cache, v_cache, block_tables.index_select(0, index),
                 context_lens.index_select(0, index), scale)
-        block_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+        tables = block_tables.tolist()
         for b, n in enumerate(q_lens):
             if n == 1:
                 continue
             length = lengths[b]
-            blocks = block_tables[b, :-(-length // block_size)]
-            keys = k_cache[blocks].reshape(-1, kv_heads, head_dim)[:length].to(q.dtype)
-            values = v_cache[blocks].reshape(-1, kv_heads, head_dim)[:length].to(q.dtype)
+            keys, values = (_joined(_context_runs(cache, tables[b], length)).to(q.dtype)
+                            for cache in (k_cache, v_cache))
             past = length - n
             allowed = torch.arange(length, device=q.device) <= torch.arange(past, length, device=q.device)[:, None]
             query = q[starts[b]:starts[b + 1]].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
@@ -407,17 +424,10 @@ class PortableOps:
                        lengths: list, out: torch.Tensor, rows: Sequence[int]) -> None:
         """The per-sequence loop of ``paged_decode_attention_in_place``: ``out[b]`` for each sequence b in
         ``rows``."""
-        block_size, kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
         compute = grouped.dtype
         for b in rows:
-            length = lengths[b]
-            keys, values = [], []
-            left = length
-            for first, count in _block_runs(tables[b][:-(-length // block_size)]):
-                tokens = min(count * block_size, left)
-                left -= tokens
-                keys.append(k_cache[first:first + count].view(-1, kv_heads, head_dim)[:tokens].to(compute))
-                values.append(v_cache[first:first + count].view(-1, kv_heads, head_dim)[:tokens].to(compute))
+            keys = [k.to(compute) for k in _context_runs(k_cache, tables[b], lengths[b])]
+            values = [v.to(compute) for v in _context_runs(v_cache, tables[b], lengths[b])]
             # [kv_heads, group, tokens]: one batched matmul per run over the KV heads.
             scores = [torch.matmul(grouped[b], k.permute(1, 2, 0)) for k in keys]
             probs = torch.softmax(scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1), dim=-1,
