@@ -10,7 +10,8 @@ interleaved runs:
 - ours before: ``F.linear`` on the checkpoint's weights and decode attention over gathered blocks (the engine
   before the fast-decode work; ``--no-before`` skips it);
 - transformers (sdpa);
-- vLLM with vllm_cogvlm2 (only when ``vllm`` imports, i.e. run in ``.venv-vllm``; ``--no-vllm`` skips it).
+- vLLM with vllm_cogvlm2 (only when ``vllm`` imports, i.e. run in ``.venv-vllm``; ``--no-vllm`` skips it), in a
+  worker process of its own, loaded once and timed in turn with the others in every round.
 
 Prints the streaming floor (the time to read a step's weight bytes once, measured as the best multi-threaded
 reduction over a buffer of that size), ms per decode step, tokens/s and the ratios (ours / other; below 1 is
@@ -24,6 +25,7 @@ rounding order decides the argmax, so use float32 (the default) to check equalit
 import argparse
 import contextlib
 import importlib.util
+import multiprocessing
 import os
 import tempfile
 import time
@@ -156,19 +158,43 @@ def make_runner(model_dir: str, args: argparse.Namespace, linear: str, quantize:
             os.environ[LINEAR_ENV] = saved
 
 
-def time_vllm(model_dir: str, args: argparse.Namespace, prompts: dict) -> dict:
-    """vLLM with the plugin, in this process (run from .venv-vllm): {batch: (prefill, ms/step, tokens)}."""
-    from benchmarks.bench_vllm_plugin import vllm_decode, vllm_engine
-
-    threads = torch.get_num_threads()
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+def _vllm_worker(model_dir: str, dtype: str, max_batch: int, threads: int, connection) -> None:
+    """vLLM with the plugin in a process of its own, timing decode runs when asked (``(prompts, steps)``; None
+    ends it). Its own process: vLLM binds the OpenMP threads of the process it runs in and then refuses
+    ``torch.set_num_threads``, which would change how ours runs beside it."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")  # both cores, none reserved
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    args.compile = False
-    llm = vllm_engine(model_dir, args, os.path.dirname(model_dir))
-    return {b: min((vllm_decode(llm, prompts[b], args.steps) for _ in range(args.repeats)), key=lambda r: r[1])
-            for b in args.batches}
+    from benchmarks.bench_vllm_plugin import vllm_decode, vllm_engine
+
+    llm = vllm_engine(model_dir, argparse.Namespace(dtype=dtype, batches=[max_batch], compile=False),
+                      os.path.dirname(model_dir))
+    connection.send("ready")
+    while (message := connection.recv()) is not None:
+        connection.send(vllm_decode(llm, *message))
+
+
+class VllmPeer:
+    """The vLLM worker process, loaded once and then timed in turn with ours, so that both see the same moments of
+    a noisy machine (run from .venv-vllm)."""
+
+    def __init__(self, model_dir: str, args: argparse.Namespace):
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_vllm_worker, daemon=True, args=(
+            model_dir, args.dtype, max(args.batches), torch.get_num_threads(), child))
+        self.process.start()
+        if self.connection.recv() != "ready":
+            raise RuntimeError("the vLLM worker did not start")
+
+    def __call__(self, prompts, steps: int):
+        self.connection.send((prompts, steps))
+        return self.connection.recv()
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join(timeout=60)
 
 
 def plot(results: dict, batches: list[int], path: str, title: str) -> None:
@@ -218,6 +244,9 @@ def main() -> None:
         before = make_runner(model_dir, args, "plain") if args.before else None
         quantized = make_runner(model_dir, args, "auto", "w8a16") if args.w8a16 else None
         hf = hf_llama(runner, dtype)
+        vllm = VllmPeer(model_dir, args) if args.vllm and importlib.util.find_spec("vllm") is not None else None
+        if vllm is not None:
+            results["vLLM"] = {}
         weight_bytes = decode_weight_bytes(hf)
         floor, bandwidth = streaming_floor(weight_bytes)
         for batch in args.batches:
@@ -229,12 +258,14 @@ def main() -> None:
                 if quantized is not None:
                     runs["ours w8a16"] = time_ours(quantized, prompts[batch], args.steps)
                 runs["transformers"] = time_hf(hf, prompts[batch], args.steps)
+                if vllm is not None:
+                    runs["vLLM"] = vllm(prompts[batch], args.steps)
                 for name, run in runs.items():
                     if batch not in results[name] or run[1] < results[name][batch][1]:
                         results[name][batch] = run
         del runner, before, quantized, hf
-        if args.vllm and importlib.util.find_spec("vllm") is not None:
-            results["vLLM"] = time_vllm(model_dir, args, prompts)
+        if vllm is not None:
+            vllm.close()
     print(f"torch threads {torch.get_num_threads()}, dtype {args.dtype}, prompt {args.prompt}, steps {args.steps}, "
           f"best of {args.repeats}")
     print(f"streaming floor: {weight_bytes / 1e9:.2f} GB of {args.dtype} weights per step at {bandwidth:.1f} GB/s "

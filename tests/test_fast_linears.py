@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from atb_llm.models.cogvlm2_llama3_video.ascend_ops import AscendOps
 from atb_llm.models.cogvlm2_llama3_video.device_ops import (
+    INT8_DEQUANT_ROWS,
     LINEAR_ENV,
     DenseLinear,
     Int8Linear,
@@ -164,10 +165,12 @@ def test_linear_choice_is_measured_at_the_hosts_batch_sizes(monkeypatch):
     assert seen == [(1, 8), (1,), (1, 16)]
 
 
+@pytest.mark.parametrize("rows", [6, INT8_DEQUANT_ROWS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_is_its_dequantized_weight(dtype):
+def test_int8_linear_is_its_dequantized_weight(dtype, rows):
     """w8a16: per output channel, scale = max|w| / 127 and q = round(w / scale), so the dequantized weight is within
-    scale / 2 of the original; the kernel computes x (bf16) times that weight with fp32 accumulation."""
+    scale / 2 of the original; the kernel computes x (bf16) times that weight with fp32 accumulation (from
+    INT8_DEQUANT_ROWS rows, a prefill, the float GEMM over the dequantized weight does: the same bound)."""
     generator = torch.Generator().manual_seed(5)
     weight = (torch.randn(80, 96, generator=generator) * torch.linspace(0.01, 3, 80)[:, None]).to(dtype)
     linear = Int8Linear(weight)
@@ -177,9 +180,9 @@ def test_int8_linear_is_its_dequantized_weight(dtype):
     dequant = linear.qweight.float() * linear.scales.float()[:, None]
     assert torch.equal(linear.weight, dequant.to(dtype))
     assert ((dequant - weight.float()).abs() <= linear.scales.float()[:, None] / 2 * (1 + 1e-6)).all()
-    x = torch.randn(6, 96, generator=generator).to(dtype)
+    x = torch.randn(rows, 96, generator=generator).to(dtype)
     out = linear(x)
-    assert out.dtype == dtype and out.shape == (6, 80)
+    assert out.dtype == dtype and out.shape == (rows, 80)
     x_bf16 = x.bfloat16().double()
     exact = x_bf16 @ (linear.qweight.double() * linear.scales.double()[:, None]).T
     # fp32 accumulation, then bf16 output rounding inside the kernel (relative 2^-8).

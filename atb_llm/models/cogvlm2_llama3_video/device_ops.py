@@ -6,10 +6,8 @@ imported only when tensors are on an NPU, so ``torch_npu`` is never needed elsew
 import contextlib
 import contextvars
 import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +82,11 @@ class PackedLinear(nn.Module):
         return out.to(self.dtype).view(*x.shape[:-1], self.out_features)
 
 
+# From this many rows per call, ``Int8Linear`` multiplies a transient dequantized weight instead (measured crossover
+# ~256-300 rows for a 4096 x 4096 weight on a 2-core AVX2 CPU; 1.5x faster at 1024 rows).
+INT8_DEQUANT_ROWS = 512
+
+
 class Int8Linear(nn.Module):
     """w8a16: int8 weights with one fp scale per output channel (symmetric, round to nearest), multiplied by
     torch's int8 weight-pack kernel (``aten._weight_int8pack_mm``) with bf16 activations; outputs in the model's
@@ -110,7 +113,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.act_dtype).contiguous()
-        out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
+        if rows.shape[0] >= INT8_DEQUANT_ROWS:
+            # A prefill: the int8 kernel is built for decode-sized inputs (~80 GFLOPS at 1000+ rows on a 2-core
+            # AVX2 CPU); a transient dequantized weight and the float GEMM run 1.5x faster there. The same bf16
+            # inputs and the same effective weight: only the accumulation order differs.
+            compute = self.act_dtype if _native_low_precision_matmul(self.act_dtype) else torch.float32
+            weight = (self.qweight * self.scales.float()[:, None]).to(compute)
+            out = F.linear(rows.to(compute), weight)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
         return out.to(self.dtype).view(*x.shape[:-1], self.out_features)
 
 
@@ -240,19 +251,6 @@ def _native_low_precision_matmul(dtype: torch.dtype) -> bool:
     if dtype == torch.float16:
         return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     return True
-
-
-_ATTENTION_POOL: ThreadPoolExecutor | None = None
-_ATTENTION_POOL_LOCK = threading.Lock()
-
-
-def _attention_pool(workers: int) -> ThreadPoolExecutor:
-    """The process's helper threads for CPU decode attention (created once, grown when more threads are asked)."""
-    global _ATTENTION_POOL
-    with _ATTENTION_POOL_LOCK:
-        if _ATTENTION_POOL is None or _ATTENTION_POOL._max_workers < workers:
-            _ATTENTION_POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode-attention")
-        return _ATTENTION_POOL
 
 
 class PortableOps:
@@ -397,23 +395,7 @@ class PortableOps:
         if threads > 1:
             torch.set_num_threads(1)
         try:
-            # Sequences are split over up to ``threads`` Python threads (torch releases the GIL inside its ops):
-            # the loop reads every sequence's K/V once, so one thread caps it at one core's memory bandwidth.
-            parts = min(threads, batch)
-            if parts > 1:
-                pool = _attention_pool(parts - 1)
-                inference = torch.is_inference_mode_enabled()  # thread-local: the helpers take the caller's
-
-                def rows_in_helper(rows: range) -> None:
-                    with torch.inference_mode(inference), torch.no_grad():
-                        PortableOps._in_place_rows(grouped, k_cache, v_cache, tables, lengths, out, rows)
-
-                futures = [pool.submit(rows_in_helper, range(part, batch, parts)) for part in range(1, parts)]
-                PortableOps._in_place_rows(grouped, k_cache, v_cache, tables, lengths, out, range(0, batch, parts))
-                for future in futures:
-                    future.result()
-            else:
-                PortableOps._in_place_rows(grouped, k_cache, v_cache, tables, lengths, out, range(batch))
+            PortableOps._in_place_rows(grouped, k_cache, v_cache, tables, lengths, out)
         finally:
             if threads > 1:
                 torch.set_num_threads(threads)
@@ -421,11 +403,10 @@ class PortableOps:
 
     @staticmethod
     def _in_place_rows(grouped: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list,
-                       lengths: list, out: torch.Tensor, rows: Sequence[int]) -> None:
-        """The per-sequence loop of ``paged_decode_attention_in_place``: ``out[b]`` for each sequence b in
-        ``rows``."""
+                       lengths: list, out: torch.Tensor) -> None:
+        """The per-sequence loop of ``paged_decode_attention_in_place``: ``out[b]`` for each sequence b."""
         compute = grouped.dtype
-        for b in rows:
+        for b in range(len(lengths)):
             keys = [k.to(compute) for k in _context_runs(k_cache, tables[b], lengths[b])]
             values = [v.to(compute) for v in _context_runs(v_cache, tables[b], lengths[b])]
             # [kv_heads, group, tokens]: one batched matmul per run over the KV heads.
