@@ -162,11 +162,9 @@ def _vllm_worker(model_dir: str, dtype: str, max_batch: int, threads: int, conne
     """vLLM with the plugin in a process of its own, timing decode runs when asked (``(prompts, steps)``; None
     ends it). Its own process: vLLM binds the OpenMP threads of the process it runs in and then refuses
     ``torch.set_num_threads``, which would change how ours runs beside it."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")  # both cores, none reserved
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    from benchmarks.bench_vllm_plugin import vllm_decode, vllm_engine
+    from benchmarks.bench_vllm_plugin import use_vllm_in_this_process, vllm_decode, vllm_engine
+
+    use_vllm_in_this_process(threads)
 
     llm = vllm_engine(model_dir, argparse.Namespace(dtype=dtype, batches=[max_batch], compile=False),
                       os.path.dirname(model_dir))

@@ -47,6 +47,15 @@ def our_ttft(runner: PARunner, video: str) -> tuple[float, int]:
     return time.perf_counter() - start, len(ids)
 
 
+def use_vllm_in_this_process(threads: int) -> None:
+    """vLLM's engine in the calling process (no engine-core subprocess), its OpenMP threads bound to the first
+    ``threads`` cores with none reserved for its scheduler (ours uses them all), 4 GiB of KV cache."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+
 def vllm_engine(model_dir: str, args, media_dir: str):
     from vllm import LLM
 
@@ -94,10 +103,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="let vLLM use torch.compile (default: eager)")
     args = parser.parse_args()
     threads = torch.get_num_threads()
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    use_vllm_in_this_process(threads)
 
     with tempfile.TemporaryDirectory() as folder:
         model_dir = make_demo_checkpoint(os.path.join(folder, "model"), shards=1, overrides=CHECKPOINT)

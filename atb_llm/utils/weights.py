@@ -32,6 +32,7 @@ class Weights:
         self._handles: dict[str, object] = {}
         self._loaded: set[str] = set()
         self._progress: tqdm | None = None
+        self._shard_numbers: dict[str, int] = {}
         self._show_progress = self._progress_wanted()
 
     def _progress_wanted(self) -> bool:
@@ -49,11 +50,12 @@ class Weights:
             return
         if self._progress is None:
             self._progress = tqdm(total=len(self.routing), unit="tensor", desc="loading weights")
+            self._shard_numbers = {file: i + 1 for i, file in enumerate(sorted(set(self.routing.values())))}
         self._loaded.add(name)
-        shards = sorted(set(self.routing.values()))
         shard = self.routing.get(self.aliases.get(name, name))
         if shard is not None:
-            self._progress.set_postfix_str(f"shard {shards.index(shard) + 1}/{len(shards)}", refresh=False)
+            self._progress.set_postfix_str(f"shard {self._shard_numbers[shard]}/{len(self._shard_numbers)}",
+                                           refresh=False)
         self._progress.update(1)
 
     @staticmethod

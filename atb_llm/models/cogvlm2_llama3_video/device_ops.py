@@ -5,6 +5,7 @@ imported only when tensors are on an NPU, so ``torch_npu`` is never needed elsew
 """
 import contextlib
 import contextvars
+import functools
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -105,11 +106,17 @@ class Int8Linear(nn.Module):
         self.scales = (w32.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(self.act_dtype)
         steps = self.scales.float()[:, None]
         self.qweight = torch.round(w32 / steps).clamp_(-127, 127).to(torch.int8).contiguous()
+        # The float GEMM of prefills: in the activations' dtype where the CPU multiplies it natively, else fp32.
+        self.prefill_dtype = self.act_dtype if _native_low_precision_matmul(self.act_dtype) else torch.float32
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The effective weight, ``q * scale`` per output channel, as a new ``dtype`` tensor."""
+        return (self.qweight * self.scales.float()[:, None]).to(dtype)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (a new tensor): for inspection, not for compute."""
-        return (self.qweight.float() * self.scales.float()[:, None]).to(self.dtype)
+        return self.dequantized(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.act_dtype).contiguous()
@@ -117,9 +124,7 @@ class Int8Linear(nn.Module):
             # A prefill: the int8 kernel is built for decode-sized inputs (~80 GFLOPS at 1000+ rows on a 2-core
             # AVX2 CPU); a transient dequantized weight and the float GEMM run 1.5x faster there. The same bf16
             # inputs and the same effective weight: only the accumulation order differs.
-            compute = self.act_dtype if _native_low_precision_matmul(self.act_dtype) else torch.float32
-            weight = (self.qweight * self.scales.float()[:, None]).to(compute)
-            out = F.linear(rows.to(compute), weight)
+            out = F.linear(rows.to(self.prefill_dtype), self.dequantized(self.prefill_dtype))
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
         return out.to(self.dtype).view(*x.shape[:-1], self.out_features)
@@ -244,6 +249,7 @@ def _joined(views: list[torch.Tensor]) -> torch.Tensor:
     return views[0] if len(views) == 1 else torch.cat(views)
 
 
+@functools.cache  # a property of the CPU, asked per layer and step by decode attention
 def _native_low_precision_matmul(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies ``dtype`` (bf16 / fp16) natively (AVX512-BF16, AMX, AVX-NE-CONVERT)."""
     if dtype == torch.bfloat16:

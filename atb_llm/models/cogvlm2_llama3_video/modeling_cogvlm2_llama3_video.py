@@ -46,14 +46,13 @@ def packed_qkv_shard(weights, name: str, num_heads: int, num_kv_heads: int, head
     return torch.cat([q, k, v], dim=0).contiguous()
 
 
-class Linear(nn.Module):
-    """A replicated linear layer ``y = x W^T + b`` of the vision tower (fed many rows per call: its kernel is the
-    device backend's choice for throughput, ``make_linear(many_rows=True)``)."""
+class BackendLinear(nn.Module):
+    """A linear layer whose matmul is the device backend's (``make_linear``: a prepacked, quantized or upcast
+    weight on CPU, ``F.linear`` elsewhere); ``weight`` / ``bias`` are the backend module's, for inspection."""
 
-    def __init__(self, weights, prefix: str, bias: bool = False, ops=None):
+    def __init__(self, linear: nn.Module):
         super().__init__()
-        self.linear = make_linear(ops, weights.get_tensor(f"{prefix}.weight"),
-                                  bias=weights.get_tensor(f"{prefix}.bias") if bias else None, many_rows=True)
+        self.linear = linear
 
     @property
     def weight(self) -> torch.Tensor:
@@ -61,39 +60,34 @@ class Linear(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.linear.bias
+        return getattr(self.linear, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
 
 
-class ColumnParallelLinear(nn.Module):
-    """Output features split over ranks; each rank keeps its slice of the output. The matmul is the device
-    backend's (``make_linear``: a prepacked or quantized weight on CPU, ``F.linear`` elsewhere)."""
+class Linear(BackendLinear):
+    """A replicated linear layer ``y = x W^T + b`` of the vision tower (fed many rows per call: its kernel is the
+    backend's choice for throughput, ``make_linear(many_rows=True)``)."""
+
+    def __init__(self, weights, prefix: str, bias: bool = False, ops=None):
+        super().__init__(make_linear(ops, weights.get_tensor(f"{prefix}.weight"),
+                                     bias=weights.get_tensor(f"{prefix}.bias") if bias else None, many_rows=True))
+
+
+class ColumnParallelLinear(BackendLinear):
+    """Output features split over ranks; each rank keeps its slice of the output."""
 
     def __init__(self, weight: torch.Tensor, ops=None, quantize: str | None = None):
-        super().__init__()
-        self.linear = make_linear(ops, weight, quantize)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
+        super().__init__(make_linear(ops, weight, quantize))
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(BackendLinear):
     """Input features split over ranks; partial products are summed with an all-reduce."""
 
     def __init__(self, weight: torch.Tensor, process_group, ops=None, quantize: str | None = None):
-        super().__init__()
-        self.linear = make_linear(ops, weight, quantize)
+        super().__init__(make_linear(ops, weight, quantize))
         self.process_group = process_group
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(self.linear(x), self.process_group)
@@ -348,17 +342,12 @@ class LanguageModel(nn.Module):
         return self.norm(hidden)
 
 
-class VocabParallelHead(nn.Module):
+class VocabParallelHead(BackendLinear):
     """lm_head split over the vocabulary; every rank gathers the full logits."""
 
     def __init__(self, weights, prefix: str = "lm_head", ops=None):
-        super().__init__()
-        self.linear = make_linear(ops, weights.get_sharded(f"{prefix}.weight", dim=0))
+        super().__init__(make_linear(ops, weights.get_sharded(f"{prefix}.weight", dim=0)))
         self.process_group = _tp_group(weights)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the rows given: the caller passes only the rows that are sampled."""
