@@ -15,6 +15,7 @@ from atb_llm.models.cogvlm2_llama3_video.device_ops import (
     Int8Linear,
     PackedLinear,
     PortableOps,
+    SplitLinear,
     UpcastLinear,
     make_linear,
     onednn_pack_dtype,
@@ -148,7 +149,7 @@ def test_linear_choice_is_measured_at_the_hosts_batch_sizes(monkeypatch):
 
     def record(modules, in_features, dtype, rows, rounds=5):
         seen.append(tuple(rows))
-        return [2.0, 1.0]  # packed faster
+        return [[2.0] * len(rows), [1.0] * len(rows)]  # packed faster at every row count
 
     monkeypatch.setattr(device_ops, "_time_linears", record)
     monkeypatch.delenv(LINEAR_ENV, raising=False)
@@ -163,6 +164,50 @@ def test_linear_choice_is_measured_at_the_hosts_batch_sizes(monkeypatch):
     with device_ops.decode_batch_hint(-1):  # MindIE's ModelRunner default: unknown, so the default sizes
         device_ops.cpu_linear_kind(*shape, torch.float32)
     assert seen == [(1, 8), (1,), (1, 16)]
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_split_is_chosen_only_where_the_stored_weight_wins_one_row_and_loses_the_batch(monkeypatch, dtype):
+    """The choice from per-row-count timings (plain, packed): "split" needs a weight packed wider than its own
+    dtype (bf16 on a CPU without native bf16), plain faster at 1 row and packed faster at the batch size; otherwise
+    the kernel faster over both. COGVLM2_LINEAR=split forces it where it applies, "packed" where it does not."""
+    import atb_llm.models.cogvlm2_llama3_video.device_ops as device_ops
+
+    timings = {"plain wins 1, packed wins 16": ([1.0, 9.0], [2.0, 3.0]), "packed wins both": ([3.0, 9.0], [2.0, 3.0]),
+               "plain wins both": ([1.0, 2.0], [2.0, 3.0])}
+    monkeypatch.delenv(LINEAR_ENV, raising=False)
+    monkeypatch.setattr(device_ops, "onednn_pack_dtype", lambda d: torch.float32)  # as on a CPU without bf16
+    splittable = dtype != torch.float32
+    expected = {"plain wins 1, packed wins 16": "split" if splittable else "packed", "packed wins both": "packed",
+                "plain wins both": "plain"}
+    for i, (case, (plain, packed)) in enumerate(timings.items()):
+        monkeypatch.setattr(device_ops, "_time_linears", lambda *args, p=plain, k=packed, **kw: [p, k])
+        assert device_ops.cpu_linear_kind(50 + i, 30, dtype) == expected[case], case
+        with device_ops.decode_batch_hint(1):  # one batch size: nothing to split
+            assert device_ops.cpu_linear_kind(50 + i, 30, dtype) != "split"
+    monkeypatch.setenv(LINEAR_ENV, "split")
+    weight = torch.randn(24, 16).to(dtype)
+    assert type(PortableOps.make_linear(weight)) is (SplitLinear if splittable else PackedLinear)
+
+
+@needs_onednn
+def test_split_linear_runs_one_row_on_the_stored_weight_and_more_on_the_packed_copy():
+    """One row: exactly F.linear over the stored bf16 weight (the same tensor, not a copy). More rows: the
+    fp32-packed copy, within fp32 accumulation plus one bf16 rounding of the fp64 product."""
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(72, 40, generator=generator).bfloat16()
+    linear = SplitLinear(weight)
+    assert linear.weight.data_ptr() == weight.data_ptr()
+    one = torch.randn(1, 1, 40, generator=generator).bfloat16()
+    assert torch.equal(linear(one), F.linear(one, weight))
+    rows = torch.randn(2, 5, 40, generator=generator).bfloat16()
+    out = linear(rows)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 5, 72)
+    assert torch.equal(out, PackedLinear(weight, torch.float32)(rows))
+    exact = rows.double() @ weight.double().T
+    bound = accumulation_bound(rows, weight, torch.finfo(torch.float32).eps) + exact.abs() * 2 ** -8
+    assert ((out.double() - exact).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("rows", [6, INT8_DEQUANT_ROWS])

@@ -24,8 +24,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 # Linear layers
 # ----------------------------------------------------------------------------------------------
 # Forces the CPU linear kernel: "plain" (F.linear on the checkpoint's weight), "packed" (oneDNN-prepacked in the
-# compute dtype, or in fp32 where oneDNN cannot pack that dtype on this CPU), or "auto" (default: the faster of
-# those, measured once per weight shape).
+# compute dtype, or in fp32 where oneDNN cannot pack that dtype on this CPU), "split" (bf16 / fp16 packed in fp32:
+# one-row calls on the stored weight, the others on the packed copy), or "auto" (default: the fastest of those,
+# measured once per weight shape).
 LINEAR_ENV = "COGVLM2_LINEAR"
 # Quantization schemes ``make_linear`` takes (the portable runner's ``--quantize``).
 LINEAR_QUANTIZATIONS = ("w8a16",)
@@ -81,6 +82,26 @@ class PackedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).to(self.pack_dtype).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
         return out.to(self.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class SplitLinear(nn.Module):
+    """``y = x W^T`` for a bf16 / fp16 weight that oneDNN can only pack in fp32 on this CPU, with both kernels: a
+    one-row call (a decode step at batch 1) runs ``F.linear`` over the stored weight (torch's reduced-precision
+    gemv reads 2 bytes per weight, the fp32-packed one 4: ~1.7x faster on a 2-core AVX2 CPU), a call of more rows
+    the fp32-packed copy (the stored-dtype GEMM runs a gemv per row there). Holds both: the stored weight
+    (memory-mapped from the checkpoint where it was loaded so) and a packed copy twice its size."""
+
+    kind = "split"
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.packed = PackedLinear(weight, torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:
+            return F.linear(x, self.weight)
+        return self.packed(x)
 
 
 # From this many rows per call, ``Int8Linear`` multiplies a transient dequantized weight instead (measured crossover
@@ -145,21 +166,21 @@ def onednn_pack_dtype(dtype: torch.dtype) -> torch.dtype | None:
 
 
 def _time_linears(modules: Sequence[nn.Module], in_features: int, dtype: torch.dtype, rows: Sequence[int],
-                  rounds: int = 5) -> list[float]:
-    """Best-of-``rounds`` seconds of each module over decode-sized inputs (one call per row count, summed), the
-    modules interleaved in every round so that a noisy neighbour slows them alike."""
+                  rounds: int = 5) -> list[list[float]]:
+    """Best-of-``rounds`` seconds of each module (outer list) at each row count (inner list), the modules
+    interleaved in every round so that a noisy neighbour slows them alike."""
     inputs = [torch.randn(n, in_features).to(dtype) for n in rows]
-    best = [float("inf")] * len(modules)
+    best = [[float("inf")] * len(inputs) for _ in modules]
     with torch.inference_mode():
         for module in modules:
             for x in inputs:
                 module(x)  # warm-up: first calls pay for oneDNN primitive creation
         for _ in range(rounds):
             for i, module in enumerate(modules):
-                start = time.perf_counter()
-                for x in inputs:
+                for j, x in enumerate(inputs):
+                    start = time.perf_counter()
                     module(x)
-                best[i] = min(best[i], time.perf_counter() - start)
+                    best[i][j] = min(best[i][j], time.perf_counter() - start)
     return best
 
 
@@ -187,23 +208,31 @@ def decode_batch_hint(max_batch_size: int | None) -> Iterator[None]:
 
 
 def cpu_linear_kind(out_features: int, in_features: int, dtype: torch.dtype) -> str:
-    """"plain" or "packed" for a CPU weight of this shape and dtype: ``COGVLM2_LINEAR`` when set, else measured once
-    per (shape, dtype, threads, batch sizes) on a random weight of the same width."""
+    """"plain", "packed" or "split" for a CPU weight of this shape and dtype: ``COGVLM2_LINEAR`` when set, else
+    measured once per (shape, dtype, threads, batch sizes) on a random weight of the same width. "split" (a weight
+    packed in a wider dtype than its own) is chosen where the stored weight is faster at one row and the packed
+    copy at the host's batch size; otherwise the kernel faster over both row counts together."""
     forced = os.environ.get(LINEAR_ENV, "").strip().lower() or "auto"
-    if forced not in ("auto", "plain", "packed"):
-        raise ValueError(f"{LINEAR_ENV} must be 'auto', 'plain' or 'packed', got {forced!r}")
+    if forced not in ("auto", "plain", "packed", "split"):
+        raise ValueError(f"{LINEAR_ENV} must be 'auto', 'plain', 'packed' or 'split', got {forced!r}")
     pack_dtype = onednn_pack_dtype(dtype)
     if pack_dtype is None or forced == "plain":
         return "plain"
-    if forced == "packed":
-        return "packed"
+    splittable = pack_dtype != dtype
+    if forced == "split" and not splittable:
+        return "packed"  # nothing to split: the packed weight is in the stored dtype
+    if forced != "auto":
+        return forced
     batches = _PROBE_BATCHES.get()
     key = (out_features, in_features, dtype, torch.get_num_threads(), batches)
     if key not in _CPU_LINEAR_CHOICE:
         probe = torch.randn(min(out_features, _PROBE_MAX_ROWS), in_features).to(dtype)
         plain, packed = _time_linears([DenseLinear(probe), PackedLinear(probe, pack_dtype)], in_features, dtype,
                                       batches)
-        _CPU_LINEAR_CHOICE[key] = "packed" if packed < plain else "plain"
+        if splittable and len(batches) > 1 and plain[0] < packed[0] and packed[-1] < plain[-1]:
+            _CPU_LINEAR_CHOICE[key] = "split"
+        else:
+            _CPU_LINEAR_CHOICE[key] = "packed" if sum(packed) < sum(plain) else "plain"
     return _CPU_LINEAR_CHOICE[key]
 
 
@@ -266,9 +295,9 @@ class PortableOps:
     def make_linear(weight: torch.Tensor, quantize: str | None = None, bias: torch.Tensor | None = None,
                     many_rows: bool = False) -> nn.Module:
         """A module computing ``x W^T (+ b)``. Decode-fed layers (the LM, no bias): on CPU the oneDNN-prepacked
-        weight where measured faster than ``F.linear`` (``cpu_linear_kind``), or int8 weights for
-        ``quantize="w8a16"``. Layers fed many rows (``many_rows``): fp32 compute over the stored bf16 / fp16 weight
-        on a CPU without native matmuls in that dtype (``UpcastLinear``). Elsewhere ``F.linear``."""
+        weight where measured faster than ``F.linear``, or both split by row count (``cpu_linear_kind``), or int8
+        weights for ``quantize="w8a16"``. Layers fed many rows (``many_rows``): fp32 compute over the stored bf16 /
+        fp16 weight on a CPU without native matmuls in that dtype (``UpcastLinear``). Elsewhere ``F.linear``."""
         if many_rows:
             if quantize is not None:
                 raise ValueError("quantize applies to the language model's linears, not to many-row layers")
@@ -283,8 +312,11 @@ class PortableOps:
             if weight.device.type != "cpu":
                 raise ValueError(f"quantize={quantize!r} is implemented for CPU only, not {weight.device.type}")
             return Int8Linear(weight)
-        if weight.device.type == "cpu" and cpu_linear_kind(*weight.shape, weight.dtype) == "packed":
+        kind = cpu_linear_kind(*weight.shape, weight.dtype) if weight.device.type == "cpu" else "plain"
+        if kind == "packed":
             return PackedLinear(weight, onednn_pack_dtype(weight.dtype))
+        if kind == "split":
+            return SplitLinear(weight)
         return DenseLinear(weight)
 
     @staticmethod
