@@ -158,36 +158,45 @@ def make_runner(model_dir: str, args: argparse.Namespace, linear: str, quantize:
             os.environ[LINEAR_ENV] = saved
 
 
-def _vllm_worker(model_dir: str, dtype: str, max_batch: int, threads: int, connection) -> None:
-    """vLLM with the plugin in a process of its own, timing decode runs when asked (``(prompts, steps)``; None
-    ends it). Its own process: vLLM binds the OpenMP threads of the process it runs in and then refuses
-    ``torch.set_num_threads``, which would change how ours runs beside it."""
-    from benchmarks.bench_vllm_plugin import use_vllm_in_this_process, vllm_decode, vllm_engine
+def _vllm_worker(model_dir: str, dtype: str, max_batch: int, threads: int, compile_: bool, connection) -> None:
+    """vLLM with the plugin in a process of its own, running what it is asked (``("decode", prompts, steps)`` or
+    ``("ttft", video)``; None ends it). Its own process: vLLM binds the OpenMP threads of the process it runs in and
+    then refuses ``torch.set_num_threads``, which would change how ours runs beside it."""
+    from benchmarks.bench_vllm_plugin import use_vllm_in_this_process, vllm_decode, vllm_engine, vllm_ttft
 
     use_vllm_in_this_process(threads)
 
-    llm = vllm_engine(model_dir, argparse.Namespace(dtype=dtype, batches=[max_batch], compile=False),
+    llm = vllm_engine(model_dir, argparse.Namespace(dtype=dtype, batches=[max_batch], compile=compile_),
                       os.path.dirname(model_dir))
+    tasks = {"decode": vllm_decode, "ttft": vllm_ttft}
     connection.send("ready")
     while (message := connection.recv()) is not None:
-        connection.send(vllm_decode(llm, *message))
+        task, *task_args = message
+        connection.send(tasks[task](llm, *task_args))
 
 
 class VllmPeer:
     """The vLLM worker process, loaded once and then timed in turn with ours, so that both see the same moments of
-    a noisy machine (run from .venv-vllm)."""
+    a noisy machine (run from .venv-vllm). Media it is given must lie beside the checkpoint's folder."""
 
     def __init__(self, model_dir: str, args: argparse.Namespace):
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
         self.process = context.Process(target=_vllm_worker, daemon=True, args=(
-            model_dir, args.dtype, max(args.batches), torch.get_num_threads(), child))
+            model_dir, args.dtype, max(args.batches), torch.get_num_threads(), getattr(args, "compile", False),
+            child))
         self.process.start()
         if self.connection.recv() != "ready":
             raise RuntimeError("the vLLM worker did not start")
 
     def __call__(self, prompts, steps: int):
-        self.connection.send((prompts, steps))
+        """(first-token seconds, decode seconds per step, tokens) of a greedy batch."""
+        self.connection.send(("decode", prompts, steps))
+        return self.connection.recv()
+
+    def ttft(self, video: str) -> tuple[float, int]:
+        """(seconds to the first token, prompt length) of the video question."""
+        self.connection.send(("ttft", video))
         return self.connection.recv()
 
     def close(self) -> None:

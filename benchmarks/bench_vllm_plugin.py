@@ -8,9 +8,11 @@ Times, greedy, for each engine:
 - decode ms/step at batch 1 and 8 over 512-token prompts ((time of N steps - time of 1 step) / (N - 1));
 - time to first token of a 24-frame video question (decode of the file, vision tower, prefill of ~1.6 k tokens).
 
-Ours runs first with torch's threads (2 here); then vLLM in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
-given the same cores (VLLM_CPU_OMP_THREADS_BIND=0-N, no core reserved) and eager mode (--compile lets vLLM use
-torch.compile; on 2 cores that adds minutes of start-up). Prefix caching and vLLM's multimodal processor cache
+Ours runs with torch's threads (2 here); vLLM in a worker process of its own (bench_decode's ``VllmPeer``:
+its engine in that process, VLLM_ENABLE_V1_MULTIPROCESSING=0, given the same cores, VLLM_CPU_OMP_THREADS_BIND=0-N
+with no core reserved), loaded once, in eager mode (--compile lets vLLM use torch.compile; on 2 cores that adds
+minutes of start-up). Every measurement is interleaved: each round times ours, then vLLM, on the same input, so
+both see the same moments of a noisy machine; best of the rounds. Prefix caching and vLLM's multimodal processor cache
 are off and our vision-feature cache is bypassed, so every TTFT run decodes and encodes the video again. Prints
 both side by side with the ratio ours / vLLM (below 1: ours is faster). Run in the vLLM venv:
 
@@ -28,7 +30,7 @@ from atb_llm.demo.synthetic_video import write_synthetic_video
 from atb_llm.runner.engine import Request
 from atb_llm.runner.offline_runner import PARunner
 from atb_llm.runner.sampler import SamplingParams as OurSampling
-from benchmarks.bench_decode import PEER, time_ours
+from benchmarks.bench_decode import PEER, VllmPeer, time_ours
 
 CHECKPOINT = dict(PEER, vision_config={"hidden_size": 1792, "intermediate_size": 15360, "num_heads": 16,
                                        "num_hidden_layers": 2})
@@ -103,7 +105,6 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="let vLLM use torch.compile (default: eager)")
     args = parser.parse_args()
     threads = torch.get_num_threads()
-    use_vllm_in_this_process(threads)
 
     with tempfile.TemporaryDirectory() as folder:
         model_dir = make_demo_checkpoint(os.path.join(folder, "model"), shards=1, overrides=CHECKPOINT)
@@ -113,19 +114,23 @@ def main() -> None:
 
         runner = PARunner(model_path=model_dir, dtype=args.dtype, device="cpu", max_input_length=2048,
                           max_output_length=args.steps, max_batch_size=max(args.batches), block_size=128)
-        ours = {}
-        for batch in args.batches:
-            runs = [time_ours(runner, prompts[batch], args.steps) for _ in range(args.repeats)]
-            ours[batch] = min(runs, key=lambda run: run[1])
-        ours_ttft = min(our_ttft(runner, video) for _ in range(args.ttft_repeats))
+        vllm_peer = VllmPeer(model_dir, args)
+        ours, theirs = {}, {}
+        try:
+            for batch in args.batches:
+                for _ in range(args.repeats):
+                    runs = ((ours, time_ours(runner, prompts[batch], args.steps)),
+                            (theirs, vllm_peer(prompts[batch], args.steps)))
+                    for results, run in runs:
+                        if batch not in results or run[1] < results[batch][1]:
+                            results[batch] = run
+            ours_ttft = theirs_ttft = None
+            for _ in range(args.ttft_repeats):
+                ours_ttft = min(filter(None, (ours_ttft, our_ttft(runner, video))))
+                theirs_ttft = min(filter(None, (theirs_ttft, vllm_peer.ttft(video))))
+        finally:
+            vllm_peer.close()
         del runner
-
-        llm = vllm_engine(model_dir, args, folder)
-        theirs = {}
-        for batch in args.batches:
-            runs = [vllm_decode(llm, prompts[batch], args.steps) for _ in range(args.repeats)]
-            theirs[batch] = min(runs, key=lambda run: run[1])
-        theirs_ttft = min(vllm_ttft(llm, video) for _ in range(args.ttft_repeats))
 
     import vllm
 
