@@ -25,7 +25,6 @@ rounding order decides the argmax, so use float32 (the default) to check equalit
 import argparse
 import contextlib
 import importlib.util
-import multiprocessing
 import os
 import tempfile
 import time
@@ -158,52 +157,6 @@ def make_runner(model_dir: str, args: argparse.Namespace, linear: str, quantize:
             os.environ[LINEAR_ENV] = saved
 
 
-def _vllm_worker(model_dir: str, dtype: str, max_batch: int, threads: int, compile_: bool, connection) -> None:
-    """vLLM with the plugin in a process of its own, running what it is asked (``("decode", prompts, steps)`` or
-    ``("ttft", video)``; None ends it). Its own process: vLLM binds the OpenMP threads of the process it runs in and
-    then refuses ``torch.set_num_threads``, which would change how ours runs beside it."""
-    from benchmarks.bench_vllm_plugin import use_vllm_in_this_process, vllm_decode, vllm_engine, vllm_ttft
-
-    use_vllm_in_this_process(threads)
-
-    llm = vllm_engine(model_dir, argparse.Namespace(dtype=dtype, batches=[max_batch], compile=compile_),
-                      os.path.dirname(model_dir))
-    tasks = {"decode": vllm_decode, "ttft": vllm_ttft}
-    connection.send("ready")
-    while (message := connection.recv()) is not None:
-        task, *task_args = message
-        connection.send(tasks[task](llm, *task_args))
-
-
-class VllmPeer:
-    """The vLLM worker process, loaded once and then timed in turn with ours, so that both see the same moments of
-    a noisy machine (run from .venv-vllm). Media it is given must lie beside the checkpoint's folder."""
-
-    def __init__(self, model_dir: str, args: argparse.Namespace):
-        context = multiprocessing.get_context("spawn")
-        self.connection, child = context.Pipe()
-        self.process = context.Process(target=_vllm_worker, daemon=True, args=(
-            model_dir, args.dtype, max(args.batches), torch.get_num_threads(), getattr(args, "compile", False),
-            child))
-        self.process.start()
-        if self.connection.recv() != "ready":
-            raise RuntimeError("the vLLM worker did not start")
-
-    def __call__(self, prompts, steps: int):
-        """(first-token seconds, decode seconds per step, tokens) of a greedy batch."""
-        self.connection.send(("decode", prompts, steps))
-        return self.connection.recv()
-
-    def ttft(self, video: str) -> tuple[float, int]:
-        """(seconds to the first token, prompt length) of the video question."""
-        self.connection.send(("ttft", video))
-        return self.connection.recv()
-
-    def close(self) -> None:
-        self.connection.send(None)
-        self.process.join(timeout=60)
-
-
 def plot(results: dict, batches: list[int], path: str, title: str) -> None:
     import matplotlib
 
@@ -251,8 +204,11 @@ def main() -> None:
         before = make_runner(model_dir, args, "plain") if args.before else None
         quantized = make_runner(model_dir, args, "auto", "w8a16") if args.w8a16 else None
         hf = hf_llama(runner, dtype)
-        vllm = VllmPeer(model_dir, args) if args.vllm and importlib.util.find_spec("vllm") is not None else None
-        if vllm is not None:
+        vllm = None
+        if args.vllm and importlib.util.find_spec("vllm") is not None:
+            from benchmarks.bench_vllm_plugin import VllmPeer  # that module imports this one
+
+            vllm = VllmPeer(model_dir, args)
             results["vLLM"] = {}
         weight_bytes = decode_weight_bytes(hf)
         floor, bandwidth = streaming_floor(weight_bytes)

@@ -8,17 +8,19 @@ Times, greedy, for each engine:
 - decode ms/step at batch 1 and 8 over 512-token prompts ((time of N steps - time of 1 step) / (N - 1));
 - time to first token of a 24-frame video question (decode of the file, vision tower, prefill of ~1.6 k tokens).
 
-Ours runs with torch's threads (2 here); vLLM in a worker process of its own (bench_decode's ``VllmPeer``:
-its engine in that process, VLLM_ENABLE_V1_MULTIPROCESSING=0, given the same cores, VLLM_CPU_OMP_THREADS_BIND=0-N
-with no core reserved), loaded once, in eager mode (--compile lets vLLM use torch.compile; on 2 cores that adds
-minutes of start-up). Every measurement is interleaved: each round times ours, then vLLM, on the same input, so
-both see the same moments of a noisy machine; best of the rounds. Prefix caching and vLLM's multimodal processor cache
-are off and our vision-feature cache is bypassed, so every TTFT run decodes and encodes the video again. Prints
-both side by side with the ratio ours / vLLM (below 1: ours is faster). Run in the vLLM venv:
+Ours runs with torch's threads (2 here); vLLM in a worker process of its own (``VllmPeer``, which bench_decode
+uses too: its engine in that process, VLLM_ENABLE_V1_MULTIPROCESSING=0, given the same cores,
+VLLM_CPU_OMP_THREADS_BIND=0-N with no core reserved), loaded once, in eager mode (--compile lets vLLM use
+torch.compile; on 2 cores that adds minutes of start-up). Every measurement is interleaved: each round times
+ours, then vLLM, on the same input, so both see the same moments of a noisy machine; best of the rounds. Prefix
+caching and vLLM's multimodal processor cache are off and our vision-feature cache is bypassed, so every TTFT
+run decodes and encodes the video again. Prints both side by side with the ratio ours / vLLM (below 1: ours is
+faster). Run in the vLLM venv:
 
     bash scripts/setup.sh vllm && .venv-vllm/bin/python -m benchmarks.bench_vllm_plugin [--dtype float32]
 """
 import argparse
+import multiprocessing
 import os
 import tempfile
 import time
@@ -30,7 +32,7 @@ from atb_llm.demo.synthetic_video import write_synthetic_video
 from atb_llm.runner.engine import Request
 from atb_llm.runner.offline_runner import PARunner
 from atb_llm.runner.sampler import SamplingParams as OurSampling
-from benchmarks.bench_decode import PEER, VllmPeer, time_ours
+from benchmarks.bench_decode import PEER, time_ours
 
 CHECKPOINT = dict(PEER, vision_config={"hidden_size": 1792, "intermediate_size": 15360, "num_heads": 16,
                                        "num_hidden_layers": 2})
@@ -92,6 +94,50 @@ def vllm_ttft(llm, video: str) -> tuple[float, int]:
     return time.perf_counter() - start, len(output.prompt_token_ids)
 
 
+def _vllm_worker(model_dir: str, dtype: str, max_batch: int, threads: int, compile_: bool, connection) -> None:
+    """vLLM with the plugin in a process of its own, running what it is asked (``("decode", prompts, steps)`` or
+    ``("ttft", video)``; None ends it). Its own process: vLLM binds the OpenMP threads of the process it runs in and
+    then refuses ``torch.set_num_threads``, which would change how ours runs beside it."""
+    use_vllm_in_this_process(threads)
+
+    llm = vllm_engine(model_dir, argparse.Namespace(dtype=dtype, batches=[max_batch], compile=compile_),
+                      os.path.dirname(model_dir))
+    tasks = {"decode": vllm_decode, "ttft": vllm_ttft}
+    connection.send("ready")
+    while (message := connection.recv()) is not None:
+        task, *task_args = message
+        connection.send(tasks[task](llm, *task_args))
+
+
+class VllmPeer:
+    """The vLLM worker process, loaded once and then timed in turn with ours, so that both see the same moments of
+    a noisy machine (run from .venv-vllm). Media it is given must lie beside the checkpoint's folder."""
+
+    def __init__(self, model_dir: str, args: argparse.Namespace):
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_vllm_worker, daemon=True, args=(
+            model_dir, args.dtype, max(args.batches), torch.get_num_threads(), getattr(args, "compile", False),
+            child))
+        self.process.start()
+        if self.connection.recv() != "ready":
+            raise RuntimeError("the vLLM worker did not start")
+
+    def __call__(self, prompts, steps: int):
+        """(first-token seconds, decode seconds per step, tokens) of a greedy batch."""
+        self.connection.send(("decode", prompts, steps))
+        return self.connection.recv()
+
+    def ttft(self, video: str) -> tuple[float, int]:
+        """(seconds to the first token, prompt length) of the video question."""
+        self.connection.send(("ttft", video))
+        return self.connection.recv()
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32", choices=("bfloat16", "float32"),
@@ -124,10 +170,9 @@ def main() -> None:
                     for results, run in runs:
                         if batch not in results or run[1] < results[batch][1]:
                             results[batch] = run
-            ours_ttft = theirs_ttft = None
-            for _ in range(args.ttft_repeats):
-                ours_ttft = min(filter(None, (ours_ttft, our_ttft(runner, video))))
-                theirs_ttft = min(filter(None, (theirs_ttft, vllm_peer.ttft(video))))
+            ttft_runs = [(our_ttft(runner, video), vllm_peer.ttft(video)) for _ in range(args.ttft_repeats)]
+            ours_ttft = min(mine for mine, _ in ttft_runs)
+            theirs_ttft = min(other for _, other in ttft_runs)
         finally:
             vllm_peer.close()
         del runner
