@@ -12,11 +12,13 @@ from atb_llm.models.cogvlm2_llama3_video.device_ops import (
     INT8_DEQUANT_ROWS,
     LINEAR_ENV,
     DenseLinear,
+    Fp16Linear,
     Int8Linear,
     PackedLinear,
     PortableOps,
     SplitLinear,
     UpcastLinear,
+    fbgemm_fp16_available,
     make_linear,
     onednn_pack_dtype,
 )
@@ -25,6 +27,7 @@ from tests.reference import DenseReference
 from tests.test_model_equivalence import check_against_reference, make_runner
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this torch")
+needs_fbgemm_fp16 = pytest.mark.skipif(not fbgemm_fp16_available(), reason="FBGEMM's fp16 GEMM is not in this torch")
 
 
 def accumulation_bound(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -178,17 +181,91 @@ def test_split_is_chosen_only_where_the_stored_weight_wins_one_row_and_loses_the
                "plain wins both": ([1.0, 2.0], [2.0, 3.0])}
     monkeypatch.delenv(LINEAR_ENV, raising=False)
     monkeypatch.setattr(device_ops, "onednn_pack_dtype", lambda d: torch.float32)  # as on a CPU without bf16
+    monkeypatch.setattr(device_ops, "fbgemm_fp16_available", lambda: False)  # fp16: its own test
     splittable = dtype != torch.float32
     expected = {"plain wins 1, packed wins 16": "split" if splittable else "packed", "packed wins both": "packed",
                 "plain wins both": "plain"}
     for i, (case, (plain, packed)) in enumerate(timings.items()):
-        monkeypatch.setattr(device_ops, "_time_linears", lambda *args, p=plain, k=packed, **kw: [p, k])
+        monkeypatch.setattr(device_ops, "_time_linears", lambda modules, *args, p=plain, k=packed, **kw: [p, k])
         assert device_ops.cpu_linear_kind(50 + i, 30, dtype) == expected[case], case
         with device_ops.decode_batch_hint(1):  # one batch size: nothing to split
             assert device_ops.cpu_linear_kind(50 + i, 30, dtype) != "split"
     monkeypatch.setenv(LINEAR_ENV, "split")
     weight = torch.randn(24, 16).to(dtype)
     assert type(PortableOps.make_linear(weight)) is (SplitLinear if splittable else PackedLinear)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp16_is_a_candidate_only_for_low_precision_weights_without_native_matmuls(monkeypatch, dtype):
+    """"fp16" is timed beside plain and packed for a bf16 / fp16 weight on a CPU whose oneDNN packs it in fp32 (and
+    where FBGEMM is present), chosen when its time over the probed row counts is the least, never for fp32
+    weights (their values do not fit fp16) nor where FBGEMM is absent; forced where it does not apply: "packed"."""
+    import atb_llm.models.cogvlm2_llama3_video.device_ops as device_ops
+
+    monkeypatch.delenv(LINEAR_ENV, raising=False)
+    monkeypatch.setattr(device_ops, "onednn_pack_dtype", lambda d: torch.float32)  # as on a CPU without bf16
+    timed = []
+
+    def timings(modules, in_features, dtype_, rows, rounds=5):
+        timed.append([m.kind for m in modules])
+        return [{"plain": [1.0, 9.0], "packed": [2.0, 3.0], "fp16": [0.9, 2.5]}[m.kind] for m in modules]
+
+    monkeypatch.setattr(device_ops, "_time_linears", timings)
+    applies = dtype != torch.float32
+    assert device_ops.cpu_linear_kind(61, 30, dtype) == ("fp16" if applies else "packed")
+    assert timed[-1] == (["plain", "packed", "fp16"] if applies else ["plain", "packed"])
+    monkeypatch.setattr(device_ops, "fbgemm_fp16_available", lambda: False)
+    assert device_ops.cpu_linear_kind(62, 30, dtype) == ("split" if applies else "packed")
+    monkeypatch.setattr(device_ops, "fbgemm_fp16_available", fbgemm_fp16_available)
+    monkeypatch.setenv(LINEAR_ENV, "fp16")
+    weight = torch.randn(24, 16).to(dtype)
+    expected = Fp16Linear if applies and fbgemm_fp16_available() else PackedLinear
+    assert type(PortableOps.make_linear(weight)) is expected
+
+
+@needs_fbgemm_fp16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 6, 40])
+def test_fp16_linear_is_the_weight_within_fp16s_reach(dtype, rows):
+    """The fp16-packed weight comes back exactly where fp16 holds the value (every fp16 weight; bf16 weights from
+    2**-17 up) and within 2**-25 below that; the product is x times that weight with fp32 accumulation, rounded
+    once to the model's dtype. Leading dims kept, strided input accepted, the original weight not kept."""
+    generator = torch.Generator().manual_seed(rows)
+    weight = (torch.randn(72, 48, generator=generator) * 0.02)
+    weight[0, :8] = torch.tensor([3e-7, -5e-6, 2 ** -17, 1e-9, 0.0, 300.0, -2.0 ** 10, 7.7e-6])  # tiny and large
+    weight = weight.to(dtype)
+    ref = weakref.ref(weight)
+    linear = Fp16Linear(weight)
+    unpacked = linear.weight
+    assert unpacked.dtype == dtype and unpacked.shape == weight.shape
+    exact = weight.abs() >= 2 ** -17
+    assert torch.equal(unpacked[exact], weight[exact])
+    assert ((unpacked.double() - weight.double()).abs() <= 2 ** -25).all()
+    assert (unpacked[~exact] != weight[~exact]).any() == (dtype == torch.bfloat16)  # fp16 weights: all exact
+    x = torch.randn(2, rows, 96, generator=generator).to(dtype)[..., ::2]  # strided
+    out = linear(x)
+    assert out.dtype == dtype and out.shape == (2, rows, 72)
+    product = x.double() @ unpacked.double().T
+    eps = torch.finfo(torch.float32).eps
+    bound = accumulation_bound(x, unpacked, eps) + product.abs() * torch.finfo(dtype).eps / 2
+    assert ((out.double() - product).abs() <= bound).all()
+    del weight, unpacked
+    gc.collect()
+    assert ref() is None, "the fp16-packed linear keeps the original weight alive"
+
+
+@needs_fbgemm_fp16
+def test_weights_beyond_fp16_range_are_not_packed_in_fp16(monkeypatch):
+    """A bf16 weight with a value fp16 cannot hold (|w| > 65504) is never saturated into fp16: forced or measured,
+    make_linear falls back to the exact fp32-packed weight."""
+    monkeypatch.setenv(LINEAR_ENV, "fp16")
+    monkeypatch.setattr("atb_llm.models.cogvlm2_llama3_video.device_ops.onednn_pack_dtype", lambda d: torch.float32)
+    weight = torch.randn(24, 16).bfloat16()
+    assert type(PortableOps.make_linear(weight)) is Fp16Linear
+    weight[3, 5] = 1e5
+    linear = PortableOps.make_linear(weight)
+    assert type(linear) is PackedLinear and torch.equal(linear.weight, weight)
 
 
 @needs_onednn

@@ -25,8 +25,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Forces the CPU linear kernel: "plain" (F.linear on the checkpoint's weight), "packed" (oneDNN-prepacked in the
 # compute dtype, or in fp32 where oneDNN cannot pack that dtype on this CPU), "split" (bf16 / fp16 packed in fp32:
-# one-row calls on the stored weight, the others on the packed copy), or "auto" (default: the fastest of those,
-# measured once per weight shape).
+# one-row calls on the stored weight, the others on the packed copy), "fp16" (bf16 / fp16 weights packed in fp16 for
+# FBGEMM's GEMM, on CPUs without native bf16 / fp16 matmuls), or "auto" (default: the fastest of those, measured once
+# per weight shape). A kind that does not apply to a weight falls back to "packed".
 LINEAR_ENV = "COGVLM2_LINEAR"
 # Quantization schemes ``make_linear`` takes (the portable runner's ``--quantize``).
 LINEAR_QUANTIZATIONS = ("w8a16",)
@@ -102,6 +103,57 @@ class SplitLinear(nn.Module):
         if x.numel() == x.shape[-1]:
             return F.linear(x, self.weight)
         return self.packed(x)
+
+
+# fp16's largest finite value: a weight beyond it cannot be packed in fp16 (FBGEMM would saturate it).
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+class Fp16Linear(nn.Module):
+    """``y = x W^T`` for a bf16 / fp16 weight on a CPU without native bf16 / fp16 matmuls: FBGEMM's fp16 GEMM
+    (``quantized.linear_prepack_fp16`` once at load, ``quantized.linear_dynamic_fp16`` per call), which reads 2 bytes
+    per weight at every row count, converts them to fp32 in its micro-kernel and multiplies fp32 activations with
+    fp32 accumulation. Measured on a 2-core AVX2 CPU (the 372 M benchmark model's linears, cold): 1.2x torch's bf16
+    gemv at 1 row, 1.5-1.7x the fp32-packed oneDNN weight at 8-16 rows, at a third of split's memory.
+
+    A bf16 weight is exactly an fp16 one where ``|w| >= 2**-17`` (fp16 has more mantissa bits; its subnormals
+    reach down to 2**-24): smaller weights (~0.02% of a layer drawn with std 0.02) round to a multiple of 2**-24,
+    a change of at most 2**-25, far below the bf16 rounding of the layer's output. A weight beyond fp16's range is
+    never packed so (``fits_fp16``). The original tensor is not kept."""
+
+    kind = "fp16"
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.contiguous(), None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed weight as a new tensor in the dtype it was given in: for inspection, not for compute."""
+        return torch.ops.quantized.linear_unpack_fp16(self.packed)[0].to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        out = torch.ops.quantized.linear_dynamic_fp16(rows, self.packed)
+        return out.to(self.dtype).view(*x.shape[:-1], self.out_features)
+
+
+@functools.cache
+def fbgemm_fp16_available() -> bool:
+    """Whether this torch has FBGEMM's fp16-weight GEMM (x86 builds; not ARM, where FBGEMM is absent)."""
+    try:
+        packed = torch.ops.quantized.linear_prepack_fp16(torch.ones(1, 1), None)
+        torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 1), packed)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return True
+
+
+def fits_fp16(weight: torch.Tensor) -> bool:
+    """Whether every value of ``weight`` lies within fp16's finite range (packing it in fp16 saturates nothing)."""
+    return bool(weight.abs().amax() <= FP16_MAX) if weight.numel() else True
 
 
 # From this many rows per call, ``Int8Linear`` multiplies a transient dequantized weight instead (measured crossover
@@ -208,31 +260,35 @@ def decode_batch_hint(max_batch_size: int | None) -> Iterator[None]:
 
 
 def cpu_linear_kind(out_features: int, in_features: int, dtype: torch.dtype) -> str:
-    """"plain", "packed" or "split" for a CPU weight of this shape and dtype: ``COGVLM2_LINEAR`` when set, else
-    measured once per (shape, dtype, threads, batch sizes) on a random weight of the same width. "split" (a weight
-    packed in a wider dtype than its own) is chosen where the stored weight is faster at one row and the packed
-    copy at the host's batch size; otherwise the kernel faster over both row counts together."""
+    """"plain", "packed", "split" or "fp16" for a CPU weight of this shape and dtype: ``COGVLM2_LINEAR`` when set,
+    else measured once per (shape, dtype, threads, batch sizes) on a random weight of the same width: each kernel is
+    timed at 1 row and at the host's batch size, and the one with the least time over those calls wins. "split"
+    (the stored weight's time at 1 row, the packed copy's at the batch size) is a candidate only for a weight
+    oneDNN packs in a wider dtype than its own, with more than one batch size; "fp16" only for a bf16 / fp16 weight
+    on such a CPU, where FBGEMM is present. A forced kind that does not apply gives "packed"."""
     forced = os.environ.get(LINEAR_ENV, "").strip().lower() or "auto"
-    if forced not in ("auto", "plain", "packed", "split"):
-        raise ValueError(f"{LINEAR_ENV} must be 'auto', 'plain', 'packed' or 'split', got {forced!r}")
+    if forced not in ("auto", "plain", "packed", "split", "fp16"):
+        raise ValueError(f"{LINEAR_ENV} must be 'auto', 'plain', 'packed', 'split' or 'fp16', got {forced!r}")
     pack_dtype = onednn_pack_dtype(dtype)
     if pack_dtype is None or forced == "plain":
         return "plain"
-    splittable = pack_dtype != dtype
-    if forced == "split" and not splittable:
-        return "packed"  # nothing to split: the packed weight is in the stored dtype
+    widened = pack_dtype != dtype  # bf16 / fp16 on a CPU without native matmuls in that dtype
+    fp16_applies = widened and fbgemm_fp16_available()
+    if forced in ("split", "fp16") and not (fp16_applies if forced == "fp16" else widened):
+        return "packed"
     if forced != "auto":
         return forced
     batches = _PROBE_BATCHES.get()
     key = (out_features, in_features, dtype, torch.get_num_threads(), batches)
     if key not in _CPU_LINEAR_CHOICE:
         probe = torch.randn(min(out_features, _PROBE_MAX_ROWS), in_features).to(dtype)
-        plain, packed = _time_linears([DenseLinear(probe), PackedLinear(probe, pack_dtype)], in_features, dtype,
-                                      batches)
-        if splittable and len(batches) > 1 and plain[0] < packed[0] and packed[-1] < plain[-1]:
-            _CPU_LINEAR_CHOICE[key] = "split"
-        else:
-            _CPU_LINEAR_CHOICE[key] = "packed" if sum(packed) < sum(plain) else "plain"
+        modules = {"plain": DenseLinear(probe), "packed": PackedLinear(probe, pack_dtype)}
+        if fp16_applies:
+            modules["fp16"] = Fp16Linear(probe)
+        times = dict(zip(modules, _time_linears(list(modules.values()), in_features, dtype, batches)))
+        if widened and len(batches) > 1:
+            times["split"] = times["plain"][:1] + times["packed"][1:]
+        _CPU_LINEAR_CHOICE[key] = min(times, key=lambda kind: sum(times[kind]))
     return _CPU_LINEAR_CHOICE[key]
 
 
@@ -295,9 +351,10 @@ class PortableOps:
     def make_linear(weight: torch.Tensor, quantize: str | None = None, bias: torch.Tensor | None = None,
                     many_rows: bool = False) -> nn.Module:
         """A module computing ``x W^T (+ b)``. Decode-fed layers (the LM, no bias): on CPU the oneDNN-prepacked
-        weight where measured faster than ``F.linear``, or both split by row count (``cpu_linear_kind``), or int8
-        weights for ``quantize="w8a16"``. Layers fed many rows (``many_rows``): fp32 compute over the stored bf16 /
-        fp16 weight on a CPU without native matmuls in that dtype (``UpcastLinear``). Elsewhere ``F.linear``."""
+        weight where measured faster than ``F.linear``, or both split by row count, or bf16 / fp16 weights packed in
+        fp16 for FBGEMM (``cpu_linear_kind``), or int8 weights for ``quantize="w8a16"``. Layers fed many rows
+        (``many_rows``): fp32 compute over the stored bf16 / fp16 weight on a CPU without native matmuls in that
+        dtype (``UpcastLinear``). Elsewhere ``F.linear``."""
         if many_rows:
             if quantize is not None:
                 raise ValueError("quantize applies to the language model's linears, not to many-row layers")
@@ -313,6 +370,10 @@ class PortableOps:
                 raise ValueError(f"quantize={quantize!r} is implemented for CPU only, not {weight.device.type}")
             return Int8Linear(weight)
         kind = cpu_linear_kind(*weight.shape, weight.dtype) if weight.device.type == "cpu" else "plain"
+        if kind == "fp16" and not fits_fp16(weight):
+            kind = "packed"
+        if kind == "fp16":
+            return Fp16Linear(weight)
         if kind == "packed":
             return PackedLinear(weight, onednn_pack_dtype(weight.dtype))
         if kind == "split":
