@@ -359,3 +359,35 @@ def test_w8a16_logits_error_is_bounded(chat_model_dir):
     spread = (reference.max() - reference.min()).item()
     error = (quantized - reference).abs().max().item()
     assert 0 < error < 0.05 * spread
+
+
+@needs_fbgemm_fp16
+def test_fp16_linears_cost_no_accuracy_beyond_bf16s_own(chat_model_dir, monkeypatch):
+    """The small chat model in bf16 with every decode linear fp16-packed against the same model with exact bf16
+    weights (fp32-packed): the last prompt position's logits differ from the fp32 model's by about as much either
+    way (bf16 rounding of activations dominates; the fp16 packing moves only weights below 2**-17, by at most
+    2**-25), and both errors are small against the logits' spread."""
+    from atb_llm.runner.engine import Request
+
+    # As on a CPU without native bf16 (where fp16 packing applies), whatever this one has.
+    monkeypatch.setattr("atb_llm.models.cogvlm2_llama3_video.device_ops.onednn_pack_dtype", lambda d: torch.float32)
+    prompt = list(range(1000, 1040))
+    logits = {}
+    for name, dtype, kind in (("fp32", "float32", "plain"), ("packed", "bfloat16", "packed"),
+                              ("fp16", "bfloat16", "fp16")):
+        monkeypatch.setenv(LINEAR_ENV, kind)
+        runner = make_runner(chat_model_dir, dtype=dtype)
+        model = runner.model.model
+        expected = {"plain": DenseLinear, "packed": PackedLinear, "fp16": Fp16Linear}[kind]
+        assert type(model.lm_head.linear) is expected and type(model.model.layers[0].mlp.down_proj.linear) is expected
+        engine = runner.make_engine()
+        rows = []
+        engine.on_logits = lambda ids, batch, rows=rows: rows.append(batch[0].float().clone())
+        engine.generate([Request(prompt_ids=prompt, sampling=SamplingParams(max_new_tokens=1, temperature=0.0,
+                                                                            ignore_eos=True))])
+        logits[name] = rows[0]
+    spread = (logits["fp32"].max() - logits["fp32"].min()).item()
+    packed_error = (logits["packed"] - logits["fp32"]).abs().max().item()
+    fp16_error = (logits["fp16"] - logits["fp32"]).abs().max().item()
+    assert 0 < fp16_error < 0.02 * spread
+    assert fp16_error <= 1.5 * packed_error
