@@ -113,8 +113,8 @@ class Fp16Linear(nn.Module):
     """``y = x W^T`` for a bf16 / fp16 weight on a CPU without native bf16 / fp16 matmuls: FBGEMM's fp16 GEMM
     (``quantized.linear_prepack_fp16`` once at load, ``quantized.linear_dynamic_fp16`` per call), which reads 2 bytes
     per weight at every row count, converts them to fp32 in its micro-kernel and multiplies fp32 activations with
-    fp32 accumulation. Measured on a 2-core AVX2 CPU (the 372 M benchmark model's linears, cold): 1.2x torch's bf16
-    gemv at 1 row, 1.5-1.7x the fp32-packed oneDNN weight at 8-16 rows, at a third of split's memory.
+    fp32 accumulation. Measured on a 2-core AVX2 CPU (``benchmarks/bench_linears.py``, cold): 1.1-1.4x torch's bf16
+    gemv at 1 row, 1.2-2x the fp32-packed oneDNN weight at 8-16 rows, at a third of split's memory.
 
     A bf16 weight is exactly an fp16 one where ``|w| >= 2**-17`` (fp16 has more mantissa bits; its subnormals
     reach down to 2**-24): smaller weights (~0.02% of a layer drawn with std 0.02) round to a multiple of 2**-24,
@@ -152,8 +152,12 @@ def fbgemm_fp16_available() -> bool:
 
 
 def fits_fp16(weight: torch.Tensor) -> bool:
-    """Whether every value of ``weight`` lies within fp16's finite range (packing it in fp16 saturates nothing)."""
-    return bool(weight.abs().amax() <= FP16_MAX) if weight.numel() else True
+    """Whether every value of ``weight`` lies within fp16's finite range (packing it in fp16 saturates nothing). A
+    reduction, no copy of the weight (a 128k-vocabulary lm_head is 1 GB in bf16)."""
+    if not weight.numel():
+        return True
+    low, high = torch.aminmax(weight)
+    return bool(low.item() >= -FP16_MAX and high.item() <= FP16_MAX)
 
 
 # From this many rows per call, ``Int8Linear`` multiplies a transient dequantized weight instead (measured crossover
