@@ -5,7 +5,8 @@ benchmarks/bench_decode.py (hidden 1024, 8 layers, 16/4 heads, ffn 3584, vocab 1
 tower of the real widths (1792 wide, ffn 15360, 16 heads), and a 26 s video (24 frames by the chat rule).
 Times, greedy, for each engine:
 
-- decode ms/step at batch 1 and 8 over 512-token prompts ((time of N steps - time of 1 step) / (N - 1));
+- decode ms/step at batch 1 and 8 over 512-token prompts, each engine from the end of its prefill to its last
+  token (ours by its step clock, vLLM by its engine core's per-request token stamps), over N - 1 steps;
 - time to first token of a 24-frame video question (decode of the file, vision tower, prefill of ~1.6 k tokens).
 
 Ours runs with torch's threads (2 here); vLLM in a worker process of its own (``VllmPeer``, which bench_decode
@@ -63,25 +64,30 @@ def use_vllm_in_this_process(threads: int) -> None:
 def vllm_engine(model_dir: str, args, media_dir: str):
     from vllm import LLM
 
+    # Stats on: each output then carries the engine core's first- and last-token stamps (``vllm_decode``).
     return LLM(model_dir, dtype=args.dtype, max_model_len=4096, max_num_seqs=max(args.batches), seed=0,
                enforce_eager=not args.compile, enable_prefix_caching=False, mm_processor_cache_gb=0,
-               allowed_local_media_path=media_dir)
+               allowed_local_media_path=media_dir, disable_log_stats=False)
 
 
 def vllm_decode(llm, prompts, steps: int):
+    """(seconds to the last first token, decode seconds per step, tokens) of one greedy batch, timed by the engine
+    core's own stamps: decode runs from the step that gave the batch's last first token (a batch whose prompts
+    exceed one step's token budget is prefilled over several) to its last token, as ours is timed from the end of
+    its prefill. (A difference of two ``generate`` calls, one of 1 token and one of ``steps``, would carry the
+    prefill's jitter, divided by the steps, into the decode time.)"""
     from vllm import SamplingParams, TokensPrompt
 
     inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-
-    def run(n: int):
-        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
-        start = time.perf_counter()
-        outputs = llm.generate(inputs, params, use_tqdm=False)
-        return time.perf_counter() - start, [list(o.outputs[0].token_ids) for o in outputs]
-
-    first, _ = run(1)
-    total, tokens = run(steps)
-    return first, (total - first) / (steps - 1), tokens
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True, detokenize=False)
+    start = time.monotonic()  # the engine core stamps with time.monotonic() too
+    outputs = llm.generate(inputs, params, use_tqdm=False)
+    stats = [o.metrics for o in outputs]
+    if any(s is None or not s.first_token_ts or not s.last_token_ts for s in stats):
+        raise RuntimeError("vLLM returned no per-request token stamps (RequestOutput.metrics); log stats must be on")
+    first = max(s.first_token_ts for s in stats)
+    last = max(s.last_token_ts for s in stats)
+    return first - start, (last - first) / (steps - 1), [list(o.outputs[0].token_ids) for o in outputs]
 
 
 def vllm_ttft(llm, video: str) -> tuple[float, int]:
