@@ -6,7 +6,8 @@ Builds (once, into a temp dir) a text-only-sized checkpoint in the real layout (
 ``transformers.LlamaForCausalLM``, and times, greedy, for each batch size (default 1, 8, 16), best of n
 interleaved runs:
 
-- ours: the backend's linears (oneDNN-prepacked on CPU where measured faster) and in-place decode attention;
+- ours: the backend's linears (on CPU the kernel measured fastest at load: oneDNN-prepacked, fp16-packed for
+  FBGEMM, ...) and in-place decode attention;
 - ours before: ``F.linear`` on the checkpoint's weights and decode attention over gathered blocks (the engine
   before the fast-decode work; ``--no-before`` skips it);
 - transformers (sdpa);

@@ -27,7 +27,7 @@ from atb_llm.models.cogvlm2_llama3_video.device_ops import (
     PackedLinear,
     cpu_linear_kind,
     decode_batch_hint,
-    fbgemm_fp16_available,
+    fp16_packing_applies,
     onednn_pack_dtype,
 )
 
@@ -47,7 +47,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--real", action="store_true", help="the real model's shapes (~16 GB of bf16 weights)")
+    parser.add_argument("--real", action="store_true",
+                        help="2 of the real model's layers and its lm_head (1.9 GB in bf16)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     shapes = linear_shapes(**MODELS["real" if args.real else "bench"])
@@ -57,7 +58,7 @@ def main() -> None:
     pack_dtype = onednn_pack_dtype(dtype)
     if pack_dtype is not None:
         kernels["packed"] = [PackedLinear(w, pack_dtype) for w in weights]
-    if dtype != torch.float32 and pack_dtype != dtype and fbgemm_fp16_available():
+    if fp16_packing_applies(dtype):
         kernels["fp16"] = [Fp16Linear(w) for w in weights]
     del weights
     layer_bytes = sum(o * i for o, i in shapes[:-1]) * torch.finfo(dtype).bits // 8
@@ -67,9 +68,9 @@ def main() -> None:
           f"({layer_bytes / 1e9:.2f} GB) + lm_head ({head_bytes / 1e9:.2f} GB), best of {args.repeats}")
     print(f"{'rows':>4} " + " ".join(f"{name + ' layers':>14} {name + ' lm_head':>14}" for name in kernels)
           + "   (ms; GB/s of the stored weights in brackets)")
+    widths = {width for _, width in shapes}
     with torch.inference_mode():
         for rows in args.rows:
-            widths = {width for _, width in shapes}
             inputs = {width: torch.randn(rows, width, generator=generator).to(dtype) for width in widths}
             best = {name: [float("inf"), float("inf")] for name in kernels}
             for _ in range(args.repeats):

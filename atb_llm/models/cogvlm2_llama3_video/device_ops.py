@@ -151,6 +151,13 @@ def fbgemm_fp16_available() -> bool:
     return True
 
 
+def fp16_packing_applies(dtype: torch.dtype) -> bool:
+    """Whether ``Fp16Linear`` is a candidate kernel for a ``dtype`` weight: bf16 / fp16 that oneDNN can only pack
+    in a wider dtype on this CPU (no native matmuls in that dtype), with FBGEMM present."""
+    pack_dtype = onednn_pack_dtype(dtype)
+    return pack_dtype is not None and pack_dtype != dtype and fbgemm_fp16_available()
+
+
 def fits_fp16(weight: torch.Tensor) -> bool:
     """Whether every value of ``weight`` lies within fp16's finite range (packing it in fp16 saturates nothing). A
     reduction, no copy of the weight (a 128k-vocabulary lm_head is 1 GB in bf16)."""
@@ -277,7 +284,7 @@ def cpu_linear_kind(out_features: int, in_features: int, dtype: torch.dtype) -> 
     if pack_dtype is None or forced == "plain":
         return "plain"
     widened = pack_dtype != dtype  # bf16 / fp16 on a CPU without native matmuls in that dtype
-    fp16_applies = widened and fbgemm_fp16_available()
+    fp16_applies = fp16_packing_applies(dtype)
     if forced in ("split", "fp16") and not (fp16_applies if forced == "fp16" else widened):
         return "packed"
     if forced != "auto":
