@@ -61,8 +61,7 @@ def main() -> None:
     if fp16_packing_applies(dtype):
         kernels["fp16"] = [Fp16Linear(w) for w in weights]
     del weights
-    layer_bytes = sum(o * i for o, i in shapes[:-1]) * torch.finfo(dtype).bits // 8
-    head_bytes = VOCAB * shapes[-1][1] * torch.finfo(dtype).bits // 8
+    layer_bytes, head_bytes = (sum(o * i for o, i in part) * dtype.itemsize for part in (shapes[:-1], shapes[-1:]))
 
     print(f"torch threads {torch.get_num_threads()}, dtype {args.dtype}, {len(shapes) - 1} layer linears "
           f"({layer_bytes / 1e9:.2f} GB) + lm_head ({head_bytes / 1e9:.2f} GB), best of {args.repeats}")
